@@ -1,0 +1,74 @@
+# ray_zerocopy: set-up, build and tests. `make demo` and `make test` work on a fresh machine.
+#
+# TORCH_SPEC picks the torch to install (default: the CPU build of 2.13.0 that pip finds on
+# this machine's disk). Override it for another build, e.g. TORCH_SPEC='torch==2.5.1'.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(BIN)/python -m pip
+PYTEST_ARGS ?=
+FUZZ_SECONDS ?= 60
+
+CSRC := $(wildcard csrc/*.c csrc/*.h csrc/ext/*.c include/zerocopy/*.h) CMakeLists.txt pyproject.toml
+
+.PHONY: all setup build demo test test-c test-c-asan test-py bench bench-quick fuzz gpu-check clean
+
+all: build
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Third-party dependencies. torch first and pinned, so nothing else pulls a CUDA build.
+$(VENV)/.deps: $(BIN)/python pyproject.toml
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q "$(TORCH_SPEC)" "numpy>=1.22" "cloudpickle>=2.0" "ray[data]>=2.9" \
+		"pytest>=7" psutil matplotlib "scikit-build-core>=0.10" cmake ninja
+	touch $@
+
+setup: $(VENV)/.deps
+
+# The package itself, editable in place: the extension lands next to the Python sources.
+$(VENV)/.built: $(VENV)/.deps $(CSRC)
+	$(PIP) install -q --no-build-isolation --no-deps -Ceditable.mode=inplace -e .
+	touch $@
+
+build: $(VENV)/.built
+
+demo: build
+	$(BIN)/python -m ray_zerocopy demo
+
+test: test-c test-c-asan test-py
+
+test-c: setup
+	PATH=$(abspath $(BIN)):$$PATH cmake -S . -B build/c -G Ninja -DZC_BUILD_TESTS=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+	PATH=$(abspath $(BIN)):$$PATH cmake --build build/c
+	PATH=$(abspath $(BIN)):$$PATH ctest --test-dir build/c --output-on-failure
+
+test-c-asan: setup
+	PATH=$(abspath $(BIN)):$$PATH cmake -S . -B build/asan -G Ninja -DZC_BUILD_TESTS=ON -DZC_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug >/dev/null
+	PATH=$(abspath $(BIN)):$$PATH cmake --build build/asan
+	PATH=$(abspath $(BIN)):$$PATH ctest --test-dir build/asan --output-on-failure
+
+test-py: build
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: build
+	$(BIN)/python benchmarks/run.py --mode full
+
+bench-quick: build
+	$(BIN)/python benchmarks/run.py --mode quick
+
+fuzz: setup
+	command -v clang >/dev/null || (apt-get update -qq && apt-get install -y -qq clang)
+	PATH=$(abspath $(BIN)):$$PATH CC=clang cmake -S . -B build/fuzz -G Ninja -DZC_FUZZ=ON -DZC_BUILD_TESTS=ON >/dev/null
+	PATH=$(abspath $(BIN)):$$PATH cmake --build build/fuzz --target fuzz_arena
+	mkdir -p build/fuzz/corpus && cp tests/fuzz/corpus/* build/fuzz/corpus/
+	build/fuzz/fuzz_arena -max_total_time=$(FUZZ_SECONDS) build/fuzz/corpus tests/fuzz/corpus
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf build _skbuild ray_zerocopy/_zc*.so $(VENV)/.built

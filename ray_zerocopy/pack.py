@@ -1,0 +1,321 @@
+"""Packing: a pipeline becomes a skeleton (its structure, no tensor data) and an arena.
+
+The skeleton is a cloudpickle of the pipeline in which every tensor is replaced by a
+persistent reference to its entry in the arena's manifest, so pickling never touches tensor
+bytes, the original pipeline is left untouched, and objects that appear twice (tied weights, a
+module referenced by two attributes) appear once in the pickle and come back shared.
+The arena (docs/format.md) holds each unique storage once, laid out and filled by the C core.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+import numpy as np
+import torch
+from torch import nn
+
+from . import _zc
+from .dtypes import code_of
+from .errors import PackError
+
+__all__ = ["pack", "find_modules", "Packed", "SKELETON_MAGIC"]
+
+#: First bytes of every skeleton; followed by the manifest CRC32C of its arena (u32 LE).
+SKELETON_MAGIC = b"RZCSKEL1"
+_SKELETON_HEADER = struct.Struct("<8sI")
+
+# Values that cannot hold a module or tensor; the walker does not look inside them.
+_ATOMIC = (
+    str, bytes, bytearray, int, float, complex, bool, type(None), type, range, slice,
+    types.FunctionType, types.BuiltinFunctionType, types.ModuleType, types.MethodType,
+    torch.dtype, torch.device, torch.Size, np.ndarray, np.generic,
+)
+
+_ALLOWED_TENSOR_TYPES = (torch.Tensor, nn.Parameter) + (
+    (nn.Buffer,) if hasattr(nn, "Buffer") else ()
+)
+
+
+@dataclass(frozen=True)
+class _TensorName:
+    path: str
+    kind: int
+    persistent: bool
+
+
+@dataclass
+class Packed:
+    """The result of :func:`pack`: unpack with ``skeleton, arena = packed``.
+
+    Attributes:
+        skeleton: the pickled structure of the pipeline (bytes, no tensor data).
+        arena: the weights as one uint8 numpy array in the arena format.
+        tensor_names: attribute path of every tensor, in manifest order.
+        weight_bytes: bytes of tensor storage in the arena (without padding).
+    """
+
+    skeleton: bytes
+    arena: np.ndarray
+    tensor_names: list[str]
+    weight_bytes: int
+
+    def __iter__(self):
+        return iter((self.skeleton, self.arena))
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _walk(root: Any) -> tuple[list[tuple[str, nn.Module]], dict[int, _TensorName]]:
+    """Finds every module and tensor reachable from root, with its first attribute path."""
+    modules: list[tuple[str, nn.Module]] = []
+    names: dict[int, _TensorName] = {}
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(root, "")]
+
+    def record(t: Any, path: str, kind: int, persistent: bool) -> None:
+        prev = names.get(id(t))
+        if prev is None or (prev.kind == _zc.KIND_OTHER and kind != _zc.KIND_OTHER):
+            names[id(t)] = _TensorName(path, kind, persistent)
+
+    while stack:
+        obj, path = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            record(obj, path, _zc.KIND_OTHER, False)
+            continue
+        if isinstance(obj, _ATOMIC) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        children: list[tuple[Any, str]] = []
+        if isinstance(obj, nn.Module):
+            modules.append((path, obj))
+            for n, p in obj._parameters.items():
+                if p is not None:
+                    record(p, _join(path, n), _zc.KIND_PARAMETER, False)
+            nonpersistent = getattr(obj, "_non_persistent_buffers_set", ())
+            for n, b in obj._buffers.items():
+                if b is not None:
+                    record(b, _join(path, n), _zc.KIND_BUFFER, n not in nonpersistent)
+            children.extend((m, _join(path, n)) for n, m in obj._modules.items() if m is not None)
+            children.extend(
+                (v, _join(path, k))
+                for k, v in vars(obj).items()
+                if k not in ("_parameters", "_buffers", "_modules")
+            )
+        elif isinstance(obj, (list, tuple)):
+            children.extend((v, f"{path}[{i}]") for i, v in enumerate(obj))
+        elif isinstance(obj, dict):
+            children.extend((v, f"{path}[{k!r}]") for k, v in obj.items())
+        elif isinstance(obj, (set, frozenset)):
+            children.extend((v, f"{path}{{}}") for v in obj)
+        else:
+            d = getattr(obj, "__dict__", None)
+            if isinstance(d, dict):
+                children.extend((v, _join(path, k)) for k, v in d.items())
+            for slot in getattr(type(obj), "__slots__", ()) or ():
+                if isinstance(slot, str) and hasattr(obj, slot):
+                    children.append((getattr(obj, slot), _join(path, slot)))
+        stack.extend(reversed(children))
+    return modules, names
+
+
+def find_modules(pipeline: Any) -> list[tuple[str, nn.Module]]:
+    """Returns every ``nn.Module`` reachable from ``pipeline`` with its attribute path.
+
+    The pipeline itself (path ``""``), attributes at any depth, modules inside lists, tuples,
+    dicts, ``ModuleList``/``ModuleDict`` and plain objects are found; each module once, under
+    the first path that reaches it.
+
+    Example:
+        >>> class P:
+        ...     def __init__(self):
+        ...         self.heads = [nn.Linear(2, 2)]
+        >>> [p for p, _ in find_modules(P())]
+        ['heads[0]']
+    """
+    return _walk(pipeline)[0]
+
+
+class _SkeletonPickler(cloudpickle.Pickler):
+    """cloudpickle that replaces every tensor by a persistent id (its manifest index)."""
+
+    def __init__(self, file: io.BytesIO):
+        super().__init__(file, protocol=5)
+        self.found: list[torch.Tensor] = []
+        self._index: dict[int, int] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            i = self._index.get(id(obj))
+            if i is None:
+                i = len(self.found)
+                self._index[id(obj)] = i
+                self.found.append(obj)
+            return i
+        return None
+
+
+def _find_unpicklable(root: Any) -> str | None:
+    """Returns the attribute path of the deepest value under root that cannot be pickled."""
+    def fails(value: Any) -> bool:
+        try:
+            _SkeletonPickler(io.BytesIO()).dump(value)
+            return False
+        except Exception:
+            return True
+
+    path, obj, seen = "", root, set()
+    while id(obj) not in seen:
+        seen.add(id(obj))
+        if isinstance(obj, (list, tuple)):
+            items = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+        elif isinstance(obj, dict):
+            items = [(f"{path}[{k!r}]", v) for k, v in obj.items()]
+        elif isinstance(obj, nn.Module):
+            items = [(_join(path, k), v) for k, v in obj._modules.items()]
+            items += [(_join(path, k), v) for k, v in vars(obj).items()
+                      if k not in ("_parameters", "_buffers", "_modules")]
+        elif isinstance(getattr(obj, "__dict__", None), dict):
+            items = [(_join(path, k), v) for k, v in vars(obj).items()]
+        else:
+            break
+        for p, v in items:
+            if fails(v):
+                path, obj = p, v
+                break
+        else:
+            break
+    return path or None
+
+
+def _check_tensor(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, _ALLOWED_TENSOR_TYPES) or type(t) not in _ALLOWED_TENSOR_TYPES:
+        raise PackError(
+            f"{name}: tensors of type {type(t).__module__}.{type(t).__qualname__} cannot be shared "
+            "(only plain tensors, nn.Parameter and buffers); materialize it first"
+        )
+    if t.layout != torch.strided:
+        raise PackError(f"{name}: {t.layout} tensors cannot be shared; convert with .to_dense()")
+    if t.is_quantized:
+        raise PackError(
+            f"{name}: quantized tensors ({t.dtype}) cannot be shared; dequantize them or use a "
+            "weight-only dtype such as bfloat16 / float8"
+        )
+    if t.device.type == "meta":
+        raise PackError(
+            f"{name}: tensor is on the meta device and holds no data; load real weights first "
+            "(e.g. load_state_dict(..., assign=True) or to_empty())"
+        )
+    if code_of(t.dtype) is None:
+        raise PackError(f"{name}: dtype {t.dtype} cannot be stored in an arena")
+
+
+def _aligned_empty(nbytes: int, align: int = 4096) -> np.ndarray:
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes]
+
+
+def pack(pipeline: Any, *, nthreads: int = 0) -> Packed:
+    """Packs a pipeline into a skeleton and an arena.
+
+    The pipeline is any object that holds ``nn.Module`` s (or a bare module). It is not
+    modified. The driver holds one extra copy of the weights (the arena) while packing.
+    Tensors on a GPU are copied to the host.
+
+    Args:
+        pipeline: the object to pack.
+        nthreads: threads for the gather copy and checksum (0: one per CPU).
+
+    Returns:
+        A :class:`Packed`; ``skeleton, arena = pack(p)`` works.
+
+    Raises:
+        PackError: an unsupported tensor (sparse, quantized, meta, unknown dtype or subclass),
+            an attribute that cannot be pickled, or an object that holds no module; the message
+            names the attribute path.
+
+    Example:
+        >>> skeleton, arena = pack(nn.Linear(4, 2))
+        >>> model = unpack(skeleton, arena)
+    """
+    modules, names = _walk(pipeline)
+    if not modules:
+        raise PackError(
+            f"{type(pipeline).__qualname__} object holds no torch.nn.Module (looked through "
+            "attributes, lists, tuples and dicts at any depth); pass a model or a pipeline "
+            "object that holds models"
+        )
+
+    buf = io.BytesIO()
+    pickler = _SkeletonPickler(buf)
+    try:
+        pickler.dump(pipeline)
+    except PackError:
+        raise
+    except Exception as exc:
+        where = _find_unpicklable(pipeline)
+        raise PackError(
+            f"attribute {where or '<pipeline>'!s} of {type(pipeline).__qualname__} cannot be "
+            f"pickled ({type(exc).__name__}: {exc}); remove it or make it picklable "
+            "(e.g. create it lazily inside the method that needs it)"
+        ) from exc
+    found = pickler.found
+
+    storage_keys: dict[tuple, int] = {}
+    storages: list[torch.Tensor] = []  # uint8 views of each unique storage
+    tensors: list[tuple] = []
+    tensor_names: list[str] = []
+    for i, t in enumerate(found):
+        nm = names.get(id(t), _TensorName(f"<tensor {i}>", _zc.KIND_OTHER, False))
+        _check_tensor(t, nm.path or "<pipeline>")
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
+        st = t.untyped_storage()
+        nbytes = st.nbytes()
+        key = (str(t.device), st.data_ptr()) if nbytes else ("empty", i)
+        sidx = storage_keys.get(key)
+        if sidx is None:
+            sidx = len(storages)
+            storage_keys[key] = sidx
+            storages.append(torch.empty(0, dtype=torch.uint8, device=t.device).set_(st))
+        elif storages[sidx].numel() < nbytes:
+            storages[sidx] = torch.empty(0, dtype=torch.uint8, device=t.device).set_(st)
+        flags = (_zc.TFLAG_PERSISTENT if nm.persistent else 0) | (
+            _zc.TFLAG_REQUIRES_GRAD if t.requires_grad else 0)
+        tensors.append((nm.path or "<pipeline>", sidx, code_of(t.dtype), tuple(t.shape),
+                        tuple(t.stride()), t.storage_offset(), nm.kind, flags))
+        tensor_names.append(nm.path)
+
+    sizes = [s.numel() for s in storages]
+    data_offset, total, offsets = _zc.plan(sizes, tensors)
+    arena = _aligned_empty(total)
+    _zc.write_manifest(arena, sizes, tensors)
+    copies = []
+    for s, off, n in zip(storages, offsets, sizes):
+        if n == 0:
+            continue
+        if s.device.type == "cpu":
+            copies.append((data_offset + off, s.data_ptr(), n))
+        else:
+            host = torch.from_numpy(arena[data_offset + off:data_offset + off + n])
+            host.copy_(s)
+    _zc.gather(arena, copies, nthreads)
+    _zc.finalize(arena, nthreads)
+
+    skeleton = _SKELETON_HEADER.pack(SKELETON_MAGIC, _read_manifest_crc(arena)) + buf.getvalue()
+    return Packed(skeleton=skeleton, arena=arena, tensor_names=tensor_names,
+                  weight_bytes=int(sum(sizes)))
+
+
+def _read_manifest_crc(arena: np.ndarray) -> int:
+    """Returns the manifest CRC32C field of a header (docs/format.md, offset 88)."""
+    return int.from_bytes(arena[88:92].tobytes(), "little")

@@ -1,0 +1,198 @@
+"""Unpacking: tensor views over an arena, attached to a freshly unpickled skeleton.
+
+Loading is O(tensors): the C core validates the header and manifest, then every tensor
+becomes a view into the buffer. No byte of the data region is copied, checksummed or
+touched on this path (unless a device or ``fast_load`` asks for it).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _zc
+from .device import resolve_device, upload
+from .dtypes import torch_dtype
+from .errors import UnpackError
+
+__all__ = ["unpack", "LoadedArena", "rebuild", "verify_arena"]
+
+_SKELETON_HEADER = struct.Struct("<8sI")
+_SKELETON_MAGIC = b"RZCSKEL1"
+
+
+def _extent(shape: tuple, stride: tuple, itemsize: int) -> int:
+    last = 0
+    for n, s in zip(shape, stride):
+        if n == 0:
+            return 0
+        last += (n - 1) * s
+    return (last + 1) * itemsize
+
+
+class LoadedArena:
+    """The tensors of one arena, as views into its buffer (or into one device allocation).
+
+    Rebuild any number of pipelines from it with :func:`rebuild`; they all share these views.
+
+    Args:
+        buffer: the arena (any buffer: numpy array, memoryview, bytes; read-only is fine).
+        device: ``None``/``"cpu"`` for views into the buffer, ``"cuda[:N]"`` for one device
+            allocation holding the data region, with every tensor a view into it.
+        fast_load: on the CPU, prefault the page tables of the data region on several threads
+            (``MADV_POPULATE_READ``) so the first inference pays no page faults; on a GPU,
+            copy through pinned staging buffers at PCIe speed.
+        protect: make the page-aligned interior of the data region read-only in this process,
+            so a stray write ends in a clear error naming the tensor instead of changing the
+            weights every process on the node sees (CPU only).
+        writable: give this process a private, writable copy of the arena instead (O(bytes)).
+        nthreads: threads for prefaulting and copies (0: one per CPU).
+
+    Raises:
+        ArenaError: the buffer is not a valid arena (the message names the field).
+        DeviceError: the device string is malformed or the device is not present.
+    """
+
+    def __init__(self, buffer: Any, *, device: Any = None, fast_load: bool = False,
+                 protect: bool = False, writable: bool = False, nthreads: int = 0):
+        if writable:
+            src = memoryview(buffer).cast("B")
+            copy = np.empty(len(src) + 4096, dtype=np.uint8)
+            copy = copy[(-copy.ctypes.data) % 4096:][:len(src)]
+            _zc.copy(copy, 0, src, 0, len(src), nthreads)
+            buffer = copy
+            protect = False
+        self.device = resolve_device(device)
+        self.mapping = _zc.Mapping(buffer)
+        info = _zc.parse(self.mapping)
+        self.info = info
+        self.manifest_crc: int = info["manifest_crc"]
+        data_offset, data_size = info["data_offset"], info["data_size"]
+        entries = info["tensors"]
+        self.names = [e[0] for e in entries]
+        self.kinds = [e[6] for e in entries]
+
+        views: list[torch.Tensor] = []
+        if self.device.type == "cpu":
+            if fast_load and data_size:
+                self.mapping.populate(data_offset, data_size, nthreads)
+            storages = []
+            for off, length in info["storages"]:
+                if length:
+                    base = torch.frombuffer(self.mapping, dtype=torch.uint8, count=length, offset=off)
+                else:
+                    base = torch.empty(0, dtype=torch.uint8)
+                storages.append((off, base.untyped_storage()))
+            for name, sidx, dt, shape, stride, soff, kind, flags, boff in entries:
+                t = torch.empty(0, dtype=torch_dtype(dt))
+                t.set_(storages[sidx][1], soff, shape, stride)
+                views.append(t)
+            if protect and data_size:
+                ranges = [(e[8], _extent(e[3], e[4], _zc.dtype_size(e[2])), e[0]) for e in entries]
+                self.mapping.protect(data_offset, data_size, ranges)
+        else:
+            devbuf = upload(self.mapping, data_offset, data_size, self.device,
+                            fast=fast_load, nthreads=nthreads)
+            self.device_buffer = devbuf
+            storage = devbuf.untyped_storage()
+            for name, sidx, dt, shape, stride, soff, kind, flags, boff in entries:
+                dtype = torch_dtype(dt)
+                itemsize = _zc.dtype_size(dt)
+                t = torch.empty(0, dtype=dtype, device=self.device)
+                t.set_(storage, (boff - data_offset) // itemsize, shape, stride)
+                views.append(t)
+            # The host mapping is no longer needed: the device holds the data. Dropping it
+            # releases the buffer (and the Ray object) once nothing else uses it.
+            self.mapping = None
+        self.views = views
+
+    @property
+    def data_address(self) -> tuple[int, int]:
+        """(start address, size) of the host mapping this arena's views point into."""
+        if self.mapping is None:
+            return (0, 0)
+        return (self.mapping.address, self.mapping.size)
+
+    def objects(self) -> list[torch.Tensor]:
+        """Fresh tensor objects for one rebuild: parameters as ``nn.Parameter``
+        (``requires_grad=False``), other tensors as plain views. Bytes are shared."""
+        out = []
+        for v, kind in zip(self.views, self.kinds):
+            if kind == _zc.KIND_PARAMETER:
+                out.append(nn.Parameter(v, requires_grad=False))
+            else:
+                out.append(v.detach())
+        return out
+
+    def release(self) -> None:
+        """Lifts write protection and drops the views; the buffer can then be freed
+        once no tensor built from it is alive."""
+        self.views = []
+        if self.mapping is not None and self.mapping.protected:
+            self.mapping.unprotect()
+
+
+class _SkeletonUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, objects: list[torch.Tensor]):
+        super().__init__(file)
+        self._objects = objects
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not isinstance(pid, int) or not 0 <= pid < len(self._objects):
+            raise UnpackError(
+                f"skeleton refers to tensor {pid!r} but the arena holds {len(self._objects)} "
+                "tensors: the skeleton and the arena do not belong together")
+        return self._objects[pid]
+
+
+def rebuild(skeleton: bytes, loaded: LoadedArena) -> Any:
+    """Unpickles a skeleton, attaching the tensors of ``loaded``. Returns the pipeline.
+
+    Raises:
+        UnpackError: the skeleton is not one, or belongs to another arena.
+    """
+    if len(skeleton) < _SKELETON_HEADER.size:
+        raise UnpackError(f"skeleton is {len(skeleton)} bytes: too short to be one")
+    magic, crc = _SKELETON_HEADER.unpack_from(skeleton)
+    if magic != _SKELETON_MAGIC:
+        raise UnpackError(f"skeleton starts with {magic!r}, expected {_SKELETON_MAGIC!r}")
+    if crc != loaded.manifest_crc:
+        raise UnpackError(
+            f"skeleton was made for an arena with manifest CRC32C {crc:#010x}, this arena has "
+            f"{loaded.manifest_crc:#010x}: the skeleton and the arena do not belong together")
+    f = io.BytesIO(skeleton)
+    f.seek(_SKELETON_HEADER.size)
+    return _SkeletonUnpickler(f, loaded.objects()).load()
+
+
+def unpack(skeleton: bytes, buffer: Any, *, device: Any = None, fast_load: bool = False,
+           protect: bool = False, writable: bool = False, nthreads: int = 0) -> Any:
+    """Rebuilds a pipeline whose tensors are views into ``buffer`` (no copy).
+
+    ``buffer`` may be read-only (as ``ray.get`` returns it). The returned pipeline keeps the
+    buffer alive. Parameters come back as ``nn.Parameter`` with ``requires_grad=False``;
+    buffers keep their ``persistent`` flag; train/eval flags are as they were packed.
+    See :class:`LoadedArena` for the keyword arguments.
+
+    Example:
+        >>> skeleton, arena = pack(model)
+        >>> clone = unpack(skeleton, arena)
+    """
+    return rebuild(skeleton, LoadedArena(buffer, device=device, fast_load=fast_load,
+                                         protect=protect, writable=writable, nthreads=nthreads))
+
+
+def verify_arena(buffer: Any, nthreads: int = 0) -> None:
+    """Validates an arena and checks the CRC32C of its whole data region (O(bytes)).
+
+    Raises:
+        ArenaError: the arena is malformed or its data does not match its checksum.
+    """
+    _zc.parse(buffer)
+    _zc.verify_data(buffer, nthreads)

@@ -1,0 +1,447 @@
+"""The Ray wrappers: TaskWrapper, ActorWrapper and ModelWrapper.
+
+Wrapping packs the pipeline once (one gather copy, one checksum pass) and puts the skeleton
+and the arena into Ray's object store as one object owned by the wrapping process. Workers on
+the same node map that object's shared memory: every weight is a view, nothing is copied.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any, Callable, Iterable, Literal
+
+import ray
+import torch
+from torch import nn
+
+from . import _worker
+from .device import parse_device
+from .errors import DeviceError, PackError, WrapperError
+from .pack import find_modules, pack
+
+__all__ = ["TaskWrapper", "ActorWrapper", "ModelWrapper", "public_methods"]
+
+
+def public_methods(pipeline: Any) -> list[str]:
+    """Names of the methods a wrapper forwards: public methods of the pipeline's class, plus
+    ``__call__`` when the pipeline is callable."""
+    names = []
+    cls = type(pipeline)
+    for name in dir(cls):
+        if name.startswith("_"):
+            continue
+        try:
+            attr = inspect.getattr_static(pipeline, name)
+        except AttributeError:
+            continue
+        if isinstance(attr, (staticmethod, classmethod)) or inspect.isfunction(attr) \
+                or inspect.ismethoddescriptor(attr):
+            names.append(name)
+    if callable(pipeline):
+        names.append("__call__")
+    return names
+
+
+class _Shared:
+    """The driver's handle on one packed pipeline in the object store.
+
+    Holds the ObjectRef (so the driver owns the object) and what the driver knows about the
+    pipeline. Pickles to the ref plus metadata, never weights.
+    """
+
+    __slots__ = ("ref", "cls_name", "methods", "nbytes", "n_tensors", "wrap_seconds")
+
+    def __init__(self, ref, cls_name, methods, nbytes, n_tensors, wrap_seconds):
+        self.ref = ref
+        self.cls_name = cls_name
+        self.methods = methods
+        self.nbytes = nbytes
+        self.n_tensors = n_tensors
+        self.wrap_seconds = wrap_seconds
+
+    @classmethod
+    def put(cls, pipeline: Any) -> "_Shared":
+        if not ray.is_initialized():
+            ray.init()
+        t0 = time.perf_counter()
+        packed = pack(pipeline)
+        try:
+            ref = ray.put((packed.skeleton, packed.arena))
+        except ray.exceptions.ObjectStoreFullError as exc:
+            raise PackError(
+                f"{type(pipeline).__qualname__}: the packed weights ({packed.arena.nbytes / 2**20:.1f} "
+                "MiB) do not fit in Ray's object store; start Ray with a larger "
+                "object_store_memory or use a smaller model") from exc
+        seconds = time.perf_counter() - t0
+        return cls(ref, type(pipeline).__qualname__, frozenset(public_methods(pipeline)),
+                   packed.weight_bytes, len(packed.tensor_names), seconds)
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def _check_device_for_ray(device: Any, ray_options: dict) -> tuple[str | None, dict]:
+    """Validates a device string for a Ray task and adds the GPU request it needs."""
+    if device is None:
+        return None, ray_options
+    dev = parse_device(device)
+    if dev.type == "cpu":
+        return "cpu", ray_options
+    opts = dict(ray_options)
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    if gpus <= 0:
+        raise DeviceError(f"device {device!r} requested but the Ray cluster has no GPU "
+                          f"(resources: {ray.cluster_resources() if ray.is_initialized() else {}})")
+    opts.setdefault("num_gpus", 1)
+    # Ray assigns the GPU and makes it visible as cuda:0 in the worker unless the task asks
+    # for several, in which case the index picks among them.
+    local = "cuda" if opts["num_gpus"] <= 1 else str(dev)
+    return local, opts
+
+
+@ray.remote
+def _run_method(_zc_spec: tuple, *args: Any, **kwargs: Any) -> Any:
+    box, method, device, fast_load, writable = _zc_spec
+    pipeline = _worker.load_pipeline(box[0], device=device, fast_load=fast_load,
+                                     writable=writable)
+    return getattr(pipeline, method)(*args, **kwargs)
+
+
+def _check_args_picklable(where: str, args: tuple, kwargs: dict) -> None:
+    from ray import cloudpickle
+
+    for label, value in [*((f"argument {i}", a) for i, a in enumerate(args)),
+                         *((f"keyword argument {k!r}", v) for k, v in kwargs.items())]:
+        if isinstance(value, ray.ObjectRef):
+            continue
+        try:
+            cloudpickle.dumps(value)
+        except Exception as exc:
+            raise WrapperError(
+                f"{where}: {label} ({type(value).__qualname__}) cannot be sent to a Ray task: "
+                f"{type(exc).__name__}: {exc}") from exc
+
+
+class _RemoteMethod:
+    """One forwarded method: call it to run it in a Ray task and wait, or use ``.remote``."""
+
+    def __init__(self, wrapper: "TaskWrapper", name: str):
+        self._wrapper = wrapper
+        self._name = name
+
+    def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+        """Starts the call in a Ray task and returns its ObjectRef at once."""
+        w = self._wrapper
+        spec = ([w._shared.ref], self._name, w._task_device, w.use_fast_load, w._writable)
+        fn = _run_method.options(**w._ray_options) if w._ray_options else _run_method
+        try:
+            return fn.remote(spec, *args, **kwargs)
+        except TypeError as exc:
+            if "serialize" in str(exc).lower() or "pickle" in str(exc).lower():
+                _check_args_picklable(f"{w._shared.cls_name}.{self._name}()", args, kwargs)
+            raise
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return ray.get(self.remote(*args, **kwargs))
+
+    def __repr__(self) -> str:
+        return f"<remote method {self._wrapper._shared.cls_name}.{self._name}>"
+
+
+class TaskWrapper:
+    """Runs each method call of a pipeline in a Ray task that maps the weights with no copy.
+
+    Wrapping packs the pipeline once and puts it into Ray's object store (owned by this
+    process); it does not run the model. Every public method of the pipeline, and
+    ``__call__``, is available on the wrapper with the same arguments. A call runs the whole
+    method in one Ray task and returns its result; ``wrapped.method.remote(...)`` returns an
+    ``ObjectRef`` at once instead, so many calls run in parallel. No state is kept between
+    calls: each task rebuilds the pipeline as it was at wrap time (workers cache only the
+    read-only weight views).
+
+    Args:
+        pipeline: an ``nn.Module`` or any object holding modules.
+        device: ``None``/``"cpu"`` (weights stay in shared memory) or ``"cuda[:N]"`` (each
+            task asks Ray for a GPU and puts the weights there).
+        use_fast_load: CPU: prefault the page tables of the weights before running;
+            GPU: copy through pinned staging buffers at PCIe speed.
+        writable: give each task a private, writable copy of the weights (default: shared and
+            read-only; a stray in-place write is stopped with an error naming the tensor).
+        **ray_options: passed to the task (``num_cpus``, ``num_gpus``, ``memory``,
+            ``max_retries``, ...).
+
+    Raises:
+        PackError: the pipeline cannot be packed (message names the attribute).
+        DeviceError: the device string is malformed, or no GPU is in the cluster.
+
+    Example:
+        >>> wrapped = TaskWrapper(pipeline)
+        >>> result = wrapped(data)                      # blocks
+        >>> refs = [wrapped.process.remote(x) for x in items]
+        >>> results = ray.get(refs)                     # in parallel
+    """
+
+    def __init__(self, pipeline: Any, device: Any = None, use_fast_load: bool = False,
+                 writable: bool = False, **ray_options: Any):
+        self.device = device
+        self.use_fast_load = bool(use_fast_load)
+        self._writable = bool(writable)
+        if not ray.is_initialized():
+            ray.init()
+        self._task_device, self._ray_options = _check_device_for_ray(device, ray_options)
+        self._shared = _Shared.put(pipeline)
+
+    @property
+    def object_ref(self) -> ray.ObjectRef:
+        """The ObjectRef of the packed pipeline in Ray's object store."""
+        return self._shared.ref
+
+    @property
+    def methods(self) -> frozenset[str]:
+        """The names of the forwarded methods."""
+        return self._shared.methods
+
+    @property
+    def wrap_seconds(self) -> float:
+        """Seconds spent packing and putting the pipeline."""
+        return self._shared.wrap_seconds
+
+    def __getattr__(self, name: str) -> _RemoteMethod:
+        if name.startswith("__") or name == "_shared":
+            raise AttributeError(name)
+        shared = self.__dict__.get("_shared")
+        if shared is None:
+            raise AttributeError(name)
+        if name not in shared.methods:
+            raise AttributeError(
+                f"{shared.cls_name!r} has no public method {name!r}; TaskWrapper forwards "
+                f"methods only: {', '.join(sorted(m for m in shared.methods if m != '__call__'))}")
+        return _RemoteMethod(self, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if "__call__" not in self._shared.methods:
+            raise TypeError(f"{self._shared.cls_name!r} object is not callable")
+        return _RemoteMethod(self, "__call__")(*args, **kwargs)
+
+    @property
+    def remote(self) -> Callable[..., ray.ObjectRef]:
+        """``wrapped.remote(x)``: the non-blocking form of ``wrapped(x)``."""
+        if "__call__" not in self._shared.methods:
+            raise TypeError(f"{self._shared.cls_name!r} object is not callable")
+        return _RemoteMethod(self, "__call__").remote
+
+    def __dir__(self) -> Iterable[str]:
+        return sorted(set(super().__dir__()) | set(self._shared.methods))
+
+    def __repr__(self) -> str:
+        return (f"TaskWrapper({self._shared.cls_name}, {self._shared.n_tensors} tensors, "
+                f"{self._shared.nbytes / 2**20:.1f} MiB, device={self.device!r})")
+
+    def __reduce__(self):
+        raise TypeError("a TaskWrapper stays in the process that made it; pass an ActorWrapper "
+                        "to actors and Ray Data instead")
+
+
+class ActorWrapper:
+    """A small picklable handle on a pipeline in Ray's object store, for actors and Ray Data.
+
+    Its pickle holds the ObjectRef and a few settings, never weights. Inside an actor, Ray
+    Data UDF or task, :meth:`load` returns the pipeline with every weight a view into the
+    node's shared copy.
+
+    Args:
+        pipeline: an ``nn.Module`` or any object holding modules.
+        device: default device for :meth:`load` (``None``/``"cpu"`` or ``"cuda[:N]"``).
+        use_fast_load: CPU: prefault the weights' page tables during load, so the first
+            inference pays no page faults; GPU: copy through pinned staging buffers.
+        writable: load private, writable copies instead of read-only shared views.
+
+    Example:
+        >>> wrapper = ActorWrapper(pipeline)
+        >>> class InferenceActor:
+        ...     def __init__(self, actor_wrapper):
+        ...         self.pipeline = actor_wrapper.load()
+        ...     def __call__(self, batch):
+        ...         return {"y": self.pipeline(batch["x"])}
+        >>> ds.map_batches(InferenceActor, fn_constructor_kwargs={"actor_wrapper": wrapper},
+        ...                compute=ray.data.ActorPoolStrategy(size=2), batch_size=64)
+    """
+
+    def __init__(self, pipeline: Any, device: Any = None, use_fast_load: bool = False,
+                 writable: bool = False):
+        if device is not None:
+            parse_device(device)
+        self.device = device
+        self.use_fast_load = bool(use_fast_load)
+        self.writable = bool(writable)
+        self._shared = _Shared.put(pipeline)
+        self.load_seconds: float | None = None
+
+    @property
+    def object_ref(self) -> ray.ObjectRef:
+        """The ObjectRef of the packed pipeline in Ray's object store."""
+        return self._shared.ref
+
+    @property
+    def methods(self) -> frozenset[str]:
+        return self._shared.methods
+
+    @property
+    def wrap_seconds(self) -> float:
+        return self._shared.wrap_seconds
+
+    def load(self, device: Any = "default", use_fast_load: bool | None = None) -> Any:
+        """Returns the pipeline, its weights mapped from the object store with no copy.
+
+        Args:
+            device: overrides the wrapper's device for this load.
+            use_fast_load: overrides the wrapper's setting for this load.
+
+        Raises:
+            OwnerDiedError: the process that made the wrapper has exited.
+            DeviceError: the device is malformed or not present in this process.
+        """
+        dev = self.device if device == "default" else device
+        fast = self.use_fast_load if use_fast_load is None else use_fast_load
+        t0 = time.perf_counter()
+        pipeline = _worker.load_pipeline(self._shared.ref, device=dev, fast_load=fast,
+                                         writable=self.writable, cache=False)
+        self.load_seconds = time.perf_counter() - t0
+        return pipeline
+
+    def __repr__(self) -> str:
+        return (f"ActorWrapper({self._shared.cls_name}, {self._shared.n_tensors} tensors, "
+                f"{self._shared.nbytes / 2**20:.1f} MiB, device={self.device!r})")
+
+
+class _RemoteModule:
+    """Stands for one model of a pipeline in ModelWrapper's task mode: each allowed method
+    call runs in a Ray task on the shared weights."""
+
+    def __init__(self, shared: _Shared, path: str, method_names: tuple[str, ...]):
+        self._shared = shared
+        self._path = path
+        self._methods = tuple(method_names)
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return ray.get(_run_module_method.remote(
+            ([self._shared.ref], self._path, method), *args, **kwargs))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if "__call__" not in self._methods:
+            raise AttributeError(f"{self._path or 'model'}: __call__ is not among the remote "
+                                 f"methods {self._methods}")
+        return self._call("__call__", *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name not in self._methods:
+            raise AttributeError(f"{self._path or 'model'}: {name!r} is not among the remote "
+                                 f"methods {self._methods} (set method_names=)")
+        return lambda *a, **k: self._call(name, *a, **k)
+
+
+def _resolve_path(root: Any, path: str) -> Any:
+    obj = root
+    for part in [p for p in path.split(".") if p]:
+        obj = getattr(obj, part)
+    return obj
+
+
+@ray.remote
+def _run_module_method(_zc_spec: tuple, *args: Any, **kwargs: Any) -> Any:
+    box, path, method = _zc_spec
+    pipeline = _worker.load_pipeline(box[0])
+    return getattr(_resolve_path(pipeline, path), method)(*args, **kwargs)
+
+
+class ModelWrapper:
+    """The API of the published ``ray-zerocopy`` library, over this library's arena.
+
+    ``ModelWrapper.from_model(p, mode="actor")`` behaves like :class:`ActorWrapper`;
+    ``mode="task"`` returns a wrapper whose :meth:`load` gives a local pipeline in which each
+    model attribute runs its ``method_names`` in Ray tasks (as the published library does).
+    ``ModelWrapper.for_tasks(p)`` is ``from_model(p, mode="task").load()``. For whole-method
+    tasks (all models of a method in one task) use :class:`TaskWrapper`.
+    """
+
+    def __init__(self, shared: _Shared, mode: str, model_attr_names: list[str] | None,
+                 method_names: tuple[str, ...], is_module: bool, use_fast_load: bool = False):
+        self._shared = shared
+        self._mode = mode
+        self._model_attr_names = model_attr_names
+        self._method_names = method_names
+        self._is_module = is_module
+        self._use_fast_load = use_fast_load
+
+    @classmethod
+    def from_model(cls, model_or_pipeline: Any, mode: Literal["task", "actor"] = "actor",
+                   model_attr_names: list[str] | None = None,
+                   method_names: tuple[str, ...] | None = None) -> "ModelWrapper":
+        """Packs a model or pipeline into the object store.
+
+        Args:
+            model_or_pipeline: an ``nn.Module`` or an object holding modules.
+            mode: ``"actor"`` (load zero-copy inside actors) or ``"task"`` (remote models).
+            model_attr_names: the attributes that hold models (default: every attribute that
+                holds an ``nn.Module``); each must exist and hold a module. All modules are
+                shared either way.
+            method_names: task mode: the model methods that run remotely (default
+                ``("__call__",)``).
+
+        Raises:
+            ValueError: unknown mode, or a model_attr_names entry that holds no module.
+        """
+        if mode not in ("task", "actor"):
+            raise ValueError(f"Invalid mode: {mode!r} (use 'task' or 'actor')")
+        is_module = isinstance(model_or_pipeline, nn.Module)
+        if model_attr_names is not None:
+            for name in model_attr_names:
+                if not isinstance(getattr(model_or_pipeline, name, None), nn.Module):
+                    raise ValueError(f"model_attr_names: attribute {name!r} of "
+                                     f"{type(model_or_pipeline).__qualname__} holds no nn.Module")
+        shared = _Shared.put(model_or_pipeline)
+        return cls(shared, mode, list(model_attr_names) if model_attr_names else None,
+                   tuple(method_names) if method_names else ("__call__",), is_module)
+
+    @classmethod
+    def for_tasks(cls, model_or_pipeline: Any, method_names: tuple[str, ...] | None = None) -> Any:
+        """``from_model(model_or_pipeline, mode="task", method_names=...).load()``."""
+        return cls.from_model(model_or_pipeline, mode="task", method_names=method_names).load()
+
+    @property
+    def model_refs(self) -> dict[str, ray.ObjectRef]:
+        """One ObjectRef holds every model here; mapped under each model attribute name."""
+        return {name: self._shared.ref for name in (self._model_attr_names or ["model"])}
+
+    def load(self, _use_fast_load: bool = False, device: Any = None) -> Any:
+        """Actor mode: the pipeline, zero-copy. Task mode: a local pipeline whose models run
+        in Ray tasks."""
+        if self._mode == "actor":
+            return self.to_pipeline(device=device, use_fast_load=_use_fast_load)
+        return self._task_pipeline()
+
+    def to_pipeline(self, device: Any = None, use_fast_load: bool = False) -> Any:
+        """The pipeline with its weights mapped from the object store (any mode)."""
+        return _worker.load_pipeline(self._shared.ref, device=device,
+                                     fast_load=use_fast_load or self._use_fast_load, cache=False)
+
+    def _task_pipeline(self) -> Any:
+        skeleton, arena = _worker.fetch(self._shared.ref)
+        from .unpack import LoadedArena, rebuild
+
+        if self._is_module:
+            return _RemoteModule(self._shared, "", self._method_names)
+        pipeline = rebuild(skeleton, LoadedArena(arena))
+        names = self._model_attr_names or [
+            p for p, m in find_modules(pipeline) if p and "." not in p and "[" not in p]
+        for name in names:
+            setattr(pipeline, name, _RemoteModule(self._shared, name, self._method_names))
+        return pipeline
+
+    def __repr__(self) -> str:
+        return f"ModelWrapper({self._shared.cls_name}, mode={self._mode!r})"
