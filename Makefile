@@ -24,7 +24,7 @@ $(BIN)/python:
 $(VENV)/.deps: $(BIN)/python pyproject.toml
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q "$(TORCH_SPEC)" "numpy>=1.22" "cloudpickle>=2.0" "ray[data]>=2.9" \
-		"pytest>=7" psutil matplotlib "scikit-build-core>=0.10" cmake ninja
+		"pytest>=7" psutil grpcio matplotlib "scikit-build-core>=0.10" cmake ninja
 	touch $@
 
 setup: $(VENV)/.deps

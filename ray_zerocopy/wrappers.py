@@ -414,6 +414,11 @@ class ModelWrapper:
         return cls.from_model(model_or_pipeline, mode="task", method_names=method_names).load()
 
     @property
+    def object_ref(self) -> ray.ObjectRef:
+        """The ObjectRef of the packed pipeline in Ray's object store."""
+        return self._shared.ref
+
+    @property
     def model_refs(self) -> dict[str, ray.ObjectRef]:
         """One ObjectRef holds every model here; mapped under each model attribute name."""
         return {name: self._shared.ref for name in (self._model_attr_names or ["model"])}

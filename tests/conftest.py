@@ -12,6 +12,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Idle workers drop cached arenas quickly, so lifecycle tests need not wait long.
 os.environ.setdefault("RAY_ZEROCOPY_CACHE_TTL", "2")
 sys.path.insert(0, os.path.dirname(__file__))
+# Ray workers inherit the driver's environment: let them import the test modules (and
+# models.py), whose classes cloudpickle pickles by reference, as a user's own modules would be.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [os.path.dirname(os.path.abspath(__file__))] + [p for p in [os.environ.get("PYTHONPATH")] if p])
 
 OBJECT_STORE_BYTES = 1 << 30
 

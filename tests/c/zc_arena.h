@@ -9,7 +9,7 @@
 
 #include "zerocopy/zc.h"
 
-#define ZA_MAX 16
+#define ZA_MAX 64
 
 /* A tensor description with its own dims storage. */
 typedef struct za_tensor {
