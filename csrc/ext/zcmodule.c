@@ -948,7 +948,9 @@ static PyTypeObject MappingType = {
     .tp_doc = "Mapping(buf)\n--\n\n"
               "Holds a view of an arena's bytes (read-only sources allowed) and exports the same memory\n"
               "through the buffer protocol, flagged writable: torch.frombuffer needs a writable buffer,\n"
-              "and protect() is what stops writes. Deallocation unprotects before releasing the source.",
+              "and protect() is what stops writes. Deallocation unprotects before releasing the source.\n\n"
+              "release() refuses while buffer exports (memoryview, numpy) are open, but torch.frombuffer\n"
+              "holds a reference to the Mapping rather than an export: drop such tensors before release().",
     .tp_weaklistoffset = offsetof(MappingObject, weakreflist),
     .tp_methods = mapping_methods,
     .tp_getset = mapping_getset,
