@@ -85,8 +85,12 @@ def demo(args: argparse.Namespace) -> int:
     from .memory import node_pss
     from .pack import find_modules
 
+    import logging
+
     torch.set_num_threads(1)
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         pipeline = _gpt2(args.size)
         model_bytes = sum(p.numel() * p.element_size() for p in pipeline.model.parameters())
@@ -96,7 +100,6 @@ def demo(args: argparse.Namespace) -> int:
 
         idx = torch.randint(0, 1000, (2, 16))
         local = pipeline(idx)
-        base = node_pss()
 
         wrapped = TaskWrapper(pipeline)
         print(f"TaskWrapper: wrapped in {wrapped.wrap_seconds:.3f} s")
@@ -108,30 +111,48 @@ def demo(args: argparse.Namespace) -> int:
         outs = ray.get(refs)
         par = time.perf_counter() - t0
         ok = torch.equal(out, local) and all(torch.equal(o, local) for o in outs)
-        print(f"  wrapped(idx) -> {out.tolist()} (first call {first * 1e3:.0f} ms; "
+        print(f"  wrapped(idx) -> {out.tolist()} (first call {first * 1e3:.0f} ms, starting a "
+              f"worker process included; "
               f"4 parallel calls {par * 1e3:.0f} ms); equal to local: {ok}")
-
-        aw = ActorWrapper(pipeline)
 
         @ray.remote(num_cpus=0)
         class Holder:
-            def __init__(self, w):
-                t0 = time.perf_counter()
+            def __init__(self):
+                torch.set_num_threads(1)
+
+            def load_shared(self, w):
                 self.p = w.load()
-                self.load = time.perf_counter() - t0
+                return self.p(idx), w.load_seconds
 
-            def run(self, idx):
-                return self.p(idx), self.load
+            def load_copy(self, box):
+                t0 = time.perf_counter()
+                self.p = ray.get(box[0])  # plain Ray: the tensors are copied into this process
+                return self.p(idx), time.perf_counter() - t0
 
-        before = node_pss()
-        actors = [Holder.remote(aw) for _ in range(2)]
-        res = ray.get([a.run.remote(idx) for a in actors])
-        grown = node_pss() - before
-        print(f"ActorWrapper: 2 actors loaded in {', '.join(f'{r[1] * 1e3:.1f} ms' for r in res)}; "
-              f"node memory (PSS over Ray's processes) grew {_mib(grown)} for 2 actors, "
-              f"per-actor copies would add {_mib(2 * model_bytes)}")
-        for a in actors:
-            ray.kill(a)
+        def node_growth(load):
+            actors = [Holder.remote() for _ in range(2)]
+            ray.get([a.__ray_ready__.remote() for a in actors])
+            before = node_pss()
+            results = load(actors)
+            grown = node_pss() - before
+            for a in actors:
+                ray.kill(a)
+            return grown, results
+
+        def shared(actors):
+            w = ActorWrapper(pipeline)  # the put is measured too
+            return ray.get([a.load_shared.remote(w) for a in actors])
+
+        grown, res = node_growth(shared)
+        print(f"ActorWrapper, 2 actors: load in the actor {', '.join(f'{r[1] * 1e3:.1f} ms' for r in res)}; "
+              f"node memory (PSS over Ray's processes) grew {_mib(grown)} "
+              f"(= {grown / model_bytes:.2f} models, the object in the store included)")
+        grown_plain, res = node_growth(
+            lambda actors: ray.get([a.load_copy.remote([ray.put(pipeline)]) for a in actors]))
+        print(f"plain ray.put(pipeline), 2 actors: ray.get in the actor "
+              f"{', '.join(f'{r[1] * 1e3:.1f} ms' for r in res)}; node memory grew "
+              f"{_mib(grown_plain)} (= {grown_plain / model_bytes:.2f} models, the object in the store included)")
+        aw = ActorWrapper(pipeline)
 
         class InferenceActor:
             def __init__(self, actor_wrapper):
@@ -149,8 +170,6 @@ def demo(args: argparse.Namespace) -> int:
         dt = time.perf_counter() - t0
         print(f"Ray Data map_batches, 2 actors sharing the weights: {len(result)} rows in "
               f"{dt:.2f} s ({len(result) / dt:.0f} rows/s); first: {result[0]['next']}")
-        print(f"node memory now {_mib(node_pss() - base)} above the start (one shared copy = "
-              f"{_mib(model_bytes)})")
         return 0 if ok and len(result) == rows else 1
     finally:
         ray.shutdown()

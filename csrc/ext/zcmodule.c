@@ -320,8 +320,9 @@ static PyObject *py_write_manifest(PyObject *self, PyObject *args, PyObject *kw)
     zc_plan_t plan;
     int code;
 
+    memset(&in, 0, sizeof in); /* layout_free() of a zeroed input is a no-op. */
     if (!PyArg_ParseTupleAndKeywords(args, kw, "w*OO:write_manifest", kwlist, &dst, &sizes, &tensors)) return NULL;
-    if (layout_plan(sizes, tensors, &in, &plan) < 0) goto release;
+    if (layout_plan(sizes, tensors, &in, &plan) < 0) goto cleanup;
     if ((uint64_t)dst.len < plan.total_size) {
         PyErr_Format(PyExc_ValueError, "dst is %zd bytes but the arena needs %llu", dst.len,
                      (unsigned long long)plan.total_size);
@@ -335,7 +336,6 @@ static PyObject *py_write_manifest(PyObject *self, PyObject *args, PyObject *kw)
     res = Py_NewRef(Py_None);
 cleanup:
     layout_free(&in);
-release:
     PyBuffer_Release(&dst);
     return res;
 }
@@ -791,9 +791,11 @@ static PyObject *mapping_populate(MappingObject *self, PyObject *args, PyObject 
     if (length < 0) length = self->view.len - offset;
     if (check_range("populate", (uint64_t)offset, (uint64_t)length, self->view.len) < 0) return NULL;
     base = (const unsigned char *)self->view.buf + offset;
+    self->exports++; /* Counted as an export: release() from another thread refuses meanwhile. */
     Py_BEGIN_ALLOW_THREADS
     code = zc_populate(base, (size_t)length, get_nthreads(nthreads));
     Py_END_ALLOW_THREADS
+    self->exports--;
     if (code) return raise_code(code, NULL);
     Py_RETURN_NONE;
 }
