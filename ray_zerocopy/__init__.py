@@ -31,6 +31,9 @@ __all__ = [
     "TaskWrapper",
     "ActorWrapper",
     "ModelWrapper",
+    "JITTaskWrapper",
+    "JITActorWrapper",
+    "JITModelWrapper",
     "pack",
     "unpack",
     "rebuild",
@@ -47,14 +50,16 @@ __all__ = [
     "OwnerDiedError",
 ]
 
-_RAY_NAMES = {"TaskWrapper", "ActorWrapper", "ModelWrapper"}
+_RAY_NAMES = {"TaskWrapper": "wrappers", "ActorWrapper": "wrappers", "ModelWrapper": "wrappers",
+              "JITTaskWrapper": "jit_wrappers", "JITActorWrapper": "jit_wrappers",
+              "JITModelWrapper": "jit_wrappers"}
 
 
 def __getattr__(name: str):
     # The wrappers import Ray; keep `import ray_zerocopy` usable without it (the GPU loader
     # and packing need only torch).
     if name in _RAY_NAMES:
-        from . import wrappers
+        import importlib
 
-        return getattr(wrappers, name)
+        return getattr(importlib.import_module(f".{_RAY_NAMES[name]}", __name__), name)
     raise AttributeError(f"module 'ray_zerocopy' has no attribute {name!r}")

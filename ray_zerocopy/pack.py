@@ -27,6 +27,11 @@ from .errors import PackError
 
 __all__ = ["pack", "find_modules", "Packed", "SKELETON_MAGIC"]
 
+try:  # the JIT reducers (TorchScript, torch.compile, torch.export); optional module
+    from .jit import reduce as _jit_reduce
+except ImportError:  # pragma: no cover - only while ray_zerocopy.jit does not exist
+    _jit_reduce = None
+
 #: First bytes of every skeleton; followed by the manifest CRC32C of its arena (u32 LE).
 SKELETON_MAGIC = b"RZCSKEL1"
 _SKELETON_HEADER = struct.Struct("<8sI")
@@ -151,6 +156,16 @@ class _SkeletonPickler(cloudpickle.Pickler):
         super().__init__(file, protocol=5)
         self.found: list[torch.Tensor] = []
         self._index: dict[int, int] = {}
+
+    def reducer_override(self, obj: Any) -> Any:
+        # Modules that plain pickling cannot share zero-copy (TorchScript, torch.compile,
+        # torch.export) reduce through ray_zerocopy.jit; their tensors still become
+        # persistent ids, i.e. arena entries.
+        if _jit_reduce is not None:
+            rv = _jit_reduce(obj)
+            if rv is not NotImplemented:
+                return rv
+        return super().reducer_override(obj)
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
