@@ -64,7 +64,7 @@ def load_pipeline(ref: ray.ObjectRef, *, device: Any = None, fast_load: bool = F
     Every call unpickles a new pipeline object, so no state survives between calls; only
     the read-only views are cached.
     """
-    if not cache:
+    if not cache or writable:  # a private copy is per call: it may be written to
         skeleton, loaded = load_arena(ref, device=device, fast_load=fast_load,
                                       protect=protect, writable=writable)
         return rebuild(skeleton, loaded)

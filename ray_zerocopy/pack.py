@@ -36,6 +36,9 @@ except ImportError:  # pragma: no cover - only while ray_zerocopy.jit does not e
 SKELETON_MAGIC = b"RZCSKEL1"
 _SKELETON_HEADER = struct.Struct("<8sI")
 
+#: Bytes of the zero guard storages before and after the weights (one page).
+GUARD_BYTES = 4096
+
 # Values that cannot hold a module or tensor; the walker does not look inside them.
 _ATOMIC = (
     str, bytes, bytearray, int, float, complex, bool, type(None), type, range, slice,
@@ -310,12 +313,19 @@ def pack(pipeline: Any, *, nthreads: int = 0) -> Packed:
                         tuple(t.stride()), t.storage_offset(), nm.kind, flags))
         tensor_names.append(nm.path)
 
-    sizes = [s.numel() for s in storages]
+    # A zero guard storage of one page first and last: Ray places objects at 64-byte alignment
+    # only, so the data region's first and last pages may be shared with other objects and can't
+    # be write-protected; the guards make sure no tensor byte lies in them.
+    real_sizes = [s.numel() for s in storages]
+    sizes = [GUARD_BYTES, *real_sizes, GUARD_BYTES]
+    tensors = [(t[0], t[1] + 1, *t[2:]) for t in tensors]
     data_offset, total, offsets = _zc.plan(sizes, tensors)
     arena = _aligned_empty(total)
     _zc.write_manifest(arena, sizes, tensors)
+    for i in (0, len(sizes) - 1):
+        arena[data_offset + offsets[i]:data_offset + offsets[i] + GUARD_BYTES] = 0
     copies = []
-    for s, off, n in zip(storages, offsets, sizes):
+    for s, off, n in zip(storages, offsets[1:], real_sizes):
         if n == 0:
             continue
         if s.device.type == "cpu":
@@ -328,7 +338,7 @@ def pack(pipeline: Any, *, nthreads: int = 0) -> Packed:
 
     skeleton = _SKELETON_HEADER.pack(SKELETON_MAGIC, _read_manifest_crc(arena)) + buf.getvalue()
     return Packed(skeleton=skeleton, arena=arena, tensor_names=tensor_names,
-                  weight_bytes=int(sum(sizes)))
+                  weight_bytes=int(sum(real_sizes)))
 
 
 def _read_manifest_crc(arena: np.ndarray) -> int:

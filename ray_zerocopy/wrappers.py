@@ -66,6 +66,13 @@ class _Shared:
             ray.init()
         t0 = time.perf_counter()
         packed = pack(pipeline)
+        capacity = _local_store_capacity()
+        if capacity and packed.arena.nbytes > capacity:
+            raise PackError(
+                f"{type(pipeline).__qualname__}: the packed weights "
+                f"({packed.arena.nbytes / 2**20:,.1f} MiB) are larger than this node's Ray object "
+                f"store ({capacity / 2**20:,.1f} MiB); start Ray with a larger "
+                "object_store_memory (ray.init(object_store_memory=...)) or use a smaller model")
         try:
             ref = ray.put((packed.skeleton, packed.arena))
         except ray.exceptions.ObjectStoreFullError as exc:
@@ -83,6 +90,18 @@ class _Shared:
     def __setstate__(self, state):
         for k, v in state.items():
             setattr(self, k, v)
+
+
+def _local_store_capacity() -> int:
+    """Bytes of object store on this process's node (0 if unknown)."""
+    try:
+        node_id = ray.get_runtime_context().get_node_id()
+        for node in ray.nodes():
+            if node.get("NodeID") == node_id:
+                return int(node.get("Resources", {}).get("object_store_memory", 0))
+    except Exception:  # pragma: no cover - best effort; the put reports real failures
+        return 0
+    return 0
 
 
 def _check_device_for_ray(device: Any, ray_options: dict) -> tuple[str | None, dict]:

@@ -216,7 +216,8 @@ typedef struct zc_tensor_info {
     const unsigned char *dims;     /* 2*ndim little-endian int64: shape then stride. */
 } zc_tensor_info;
 
-/* Returns dimension i of a tensor: i < ndim gives shape[i], ndim <= i < 2*ndim gives stride[i-ndim]. */
+/* Returns dimension i of a tensor: i < ndim gives shape[i], ndim <= i < 2*ndim gives stride[i-ndim],
+ * and any other i gives 0. */
 ZC_API int64_t zc_dim(const zc_tensor_info *t, unsigned i);
 
 /* Validates size bytes at buf as an untrusted arena: header fields and header CRC, manifest
@@ -250,7 +251,9 @@ ZC_API int zc_populate(const void *addr, size_t len, int nthreads);
  * registers it, with the names and byte ranges of the tensors in it, for the fault handler.
  * ranges holds n triples (start address, length, name); names are copied.
  * *out_id receives a handle for zc_unprotect.  If the interior is empty nothing is protected
- * and 0 is returned with *out_id = 0.  Returns 0, ZC_ENOMEM, ZC_EINVAL or -errno. */
+ * and 0 is returned with *out_id = 0.  Protections may overlap (the same arena mapped twice).
+ * The registry holds a fixed number of protections; ZC_ENOMEM also means it is full.
+ * Returns 0, ZC_ENOMEM, ZC_EINVAL or -errno. */
 typedef struct zc_named_range {
     uintptr_t start;
     size_t len;
@@ -259,8 +262,9 @@ typedef struct zc_named_range {
 } zc_named_range;
 ZC_API int zc_protect(void *addr, size_t len, const zc_named_range *ranges, size_t n, uint64_t *out_id);
 
-/* Restores PROT_READ|PROT_WRITE on exactly the pages zc_protect(id) protected and forgets
- * them.  Returns 0, ZC_EINVAL (unknown id) or -errno. */
+/* Restores PROT_READ|PROT_WRITE on exactly the pages zc_protect(id) protected, except pages that
+ * another active protection still covers, and forgets them.  id 0 (nothing was protected) is
+ * accepted and does nothing.  Returns 0, ZC_EINVAL (unknown id) or -errno. */
 ZC_API int zc_unprotect(uint64_t id);
 
 /* Installs (once, idempotent) a SIGSEGV/SIGBUS handler that, for a fault at an address inside
@@ -269,7 +273,8 @@ ZC_API int zc_unprotect(uint64_t id);
  * elsewhere go to the previous handler unchanged.  Returns 0 or -errno. */
 ZC_API int zc_install_fault_handler(void);
 
-/* Writes into msg the name of the tensor registered at addr, if any (for tests).
+/* Writes into msg (msg_cap bytes, NUL-terminated, may be 0) the name of the tensor registered at
+ * addr, or "" if addr is protected but in no tensor's range.  Async-signal-safe lookups back it.
  * Returns 1 if addr is in a protected range, 0 otherwise. */
 ZC_API int zc_describe_address(uintptr_t addr, char *msg, size_t msg_cap);
 

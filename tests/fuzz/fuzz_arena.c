@@ -2,7 +2,8 @@
  * fuzz_arena.c - libFuzzer harness: arbitrary bytes through the arena reader.
  *
  * Validates the input; if it is accepted, reads every storage, tensor and dim and checks that
- * everything the reader reports lies inside the buffer, then recomputes the data CRC.
+ * everything the reader reports lies inside the buffer, then recomputes the data CRC.  Each input
+ * is tried twice: as given, and with its manifest and header CRCs recomputed.
  * Built as a libFuzzer binary with -DZC_FUZZ=ON (clang), and replayed by replay.c otherwise.
  */
 #include <stdint.h>
@@ -13,13 +14,20 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-    /* An exact-size heap copy, so that an overrun is an ASan report. */
-    unsigned char *buf = (unsigned char *)malloc(size ? size : 1);
+static uint64_t rd64(const unsigned char *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+static void wr32(unsigned char *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+
+/* Runs the reader over size bytes at buf (a heap block of exactly that size). */
+static void check(unsigned char *buf, size_t size) {
     zc_arena_info info;
     char msg[256];
-    if (!buf) return 0;
-    if (size) memcpy(buf, data, size);
     if (zc_validate(buf, size, &info, msg, sizeof msg) == 0) {
         if (info.total_size > size || info.data_offset + info.data_size != info.total_size) abort();
         for (uint32_t i = 0; i < info.n_storages; i++) {
@@ -45,6 +53,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         (void)zc_verify_data(buf, size, 1);
     } else if (msg[0] == '\0') {
         abort(); /* Every failure explains itself. */
+    }
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    /* An exact-size heap copy, so that an overrun is an ASan report. */
+    unsigned char *buf = (unsigned char *)malloc(size ? size : 1);
+    if (!buf) return 0;
+    if (size) memcpy(buf, data, size);
+    check(buf, size);
+    if (size >= ZC_HEADER_SIZE) {
+        /* Again with both checksums made to match, so that mutations reach the checks behind them. */
+        uint64_t msize = rd64(buf + 56);
+        if (msize <= size - ZC_HEADER_SIZE) wr32(buf + 88, zc_crc32c(0, buf + ZC_HEADER_SIZE, (size_t)msize));
+        wr32(buf + 96, zc_crc32c(0, buf, 96));
+        check(buf, size);
     }
     free(buf);
     return 0;
