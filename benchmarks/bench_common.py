@@ -65,6 +65,32 @@ def node_pss(include_self: bool = True) -> int:
     return sum(pss(p) for p in ray_node_pids(include_self))
 
 
+def core_pids() -> list:
+    """This process, the raylet (which holds the object store) and the GCS."""
+    pids = [os.getpid()]
+    for pid in ray_node_pids(include_self=False):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "raylet" in cmd.split(" ")[0] or "gcs_server" in cmd.split(" ")[0]:
+            pids.append(pid)
+    return pids
+
+
+def pss_of(pids) -> int:
+    return sum(pss(p) for p in pids)
+
+
+def settle_pss_of(pids, samples: int = 3, pause: float = 0.3) -> int:
+    vals = []
+    for _ in range(samples):
+        time.sleep(pause)
+        vals.append(pss_of(pids))
+    return min(vals)
+
+
 def settle_node_pss(samples: int = 3, pause: float = 0.3) -> int:
     """node_pss after a short pause; the minimum of a few samples (workers settle)."""
     vals = []

@@ -164,6 +164,7 @@ def release(adapter, handle):
 
 
 def do_memory(adapter, actors, handle, spec, counts, baseline, model_nbytes, res):
+    pids = baseline["pids"]
     """Figure 4: node PSS minus the baseline, with 1, 2, 4, 8 actors holding a loaded pipeline."""
     out, skipped = {}, []
     loaded = 0
@@ -180,8 +181,10 @@ def do_memory(adapter, actors, handle, spec, counts, baseline, model_nbytes, res
             ray.get(a.load.remote([handle], spec))
             ray.get(a.first_inference.remote(spec))  # touch the weights as a user would
         loaded = n
-        extra = bc.settle_node_pss() - baseline
-        out[str(n)] = {"extra_pss": extra, "models": extra / model_nbytes}
+        extra = bc.settle_pss_of(pids) - baseline["pss"]
+        extra_all = bc.node_pss() - baseline["pss_all"]
+        out[str(n)] = {"extra_pss": extra, "models": extra / model_nbytes,
+                       "extra_pss_all_ray_processes": extra_all}
         log(f"  memory {n} actors: +{extra / 2**20:,.0f} MiB = {extra / model_nbytes:.2f} models")
     res["memory"] = {"by_actors": out, "skipped": skipped}
 
@@ -304,7 +307,8 @@ def run_model(adapter, name, item, plan, out):
         k = max(0, min(k, fit))
         actors = start_actors(k) if k else []
     gc.collect()
-    baseline = bc.settle_node_pss()
+    pids = bc.core_pids() + (ray.get([a.pid.remote() for a in actors]) if actors else [])
+    baseline = {"pids": pids, "pss": bc.settle_pss_of(pids), "pss_all": bc.node_pss()}
     try:
         handle, w = do_wrap(adapter, pipeline, spec)
     except Exception as exc:  # noqa: BLE001

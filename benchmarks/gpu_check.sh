@@ -11,6 +11,6 @@ $PY -c "import torch,sys; print('python', sys.version.split()[0], 'torch', torch
 echo "== build"
 $PY -m pip install -q --no-build-isolation --no-deps -Ceditable.mode=inplace -e . 2>&1 | tail -5
 echo "== GPU tests"
-$PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_pack.py tests/test_core.py tests/test_format.py 2>&1 | tail -15 || true
+$PY -m pytest -q -p no:cacheprovider -W default -rs tests/test_gpu.py tests/test_pack.py tests/test_core.py tests/test_format.py 2>&1 | tail -15 || true
 echo "== GPU benchmark"
 $PY benchmarks/gpu_bench.py --sizes ${GPU_SIZES:-1,4} --repeats ${GPU_REPEATS:-5} --json "$OUTDIR/gpu_bench.json"

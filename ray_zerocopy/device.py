@@ -121,7 +121,6 @@ def upload_staged(mapping: Any, offset: int, size: int, device: torch.device, *,
             pos += n
             k += 1
         stream.synchronize()
-    dst.record_stream(torch.cuda.current_stream(device))
     return dst
 
 
@@ -134,6 +133,8 @@ def upload_registered(mapping: Any, offset: int, size: int, device: torch.device
     cudart = torch.cuda.cudart()
     ptr = host.data_ptr()
     err = cudart.cudaHostRegister(ptr, size, 0)
+    if int(err) != 0:  # a read-only mapping needs cudaHostRegisterReadOnly (8)
+        err = cudart.cudaHostRegister(ptr, size, 8)
     if int(err) != 0:
         # Registration can fail (e.g. read-only mappings on old drivers): fall back.
         dst.copy_(host)
