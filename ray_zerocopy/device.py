@@ -132,9 +132,10 @@ def upload_registered(mapping: Any, offset: int, size: int, device: torch.device
     host = _host_view(mapping, offset, size)
     cudart = torch.cuda.cudart()
     ptr = host.data_ptr()
-    err = cudart.cudaHostRegister(ptr, size, 0)
-    if int(err) != 0:  # a read-only mapping needs cudaHostRegisterReadOnly (8)
-        err = cudart.cudaHostRegister(ptr, size, 8)
+    # cudaHostRegisterReadOnly (8): the device only reads, which also works on a read-only
+    # mapping. (A failed registration leaves CUDA's last-error set, which torch would then
+    # report at its next kernel launch, so don't probe with flags that may fail.)
+    err = cudart.cudaHostRegister(ptr, size, 8)
     if int(err) != 0:
         # Registration can fail (e.g. read-only mappings on old drivers): fall back.
         dst.copy_(host)
