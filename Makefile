@@ -54,11 +54,26 @@ test-c-asan: setup
 test-py: build
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: build
-	$(BIN)/python benchmarks/run.py --mode full
+# Benchmarks (never part of `make test`). The published ray-zerocopy has our import name, so it
+# gets its own venv, bench-venv/ (git-ignored), with the same torch (TORCH_SPEC, never CUDA).
+BENCH_VENV ?= bench-venv
 
-bench-quick: build
-	$(BIN)/python benchmarks/run.py --mode quick
+.PHONY: bench-venv
+bench-venv: $(BENCH_VENV)/.deps
+
+$(BENCH_VENV)/.deps:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(BENCH_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "ray[data]" ray-zerocopy==0.2.0 psutil grpcio
+	touch $@
+
+bench: build bench-venv
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(PIP) install -q matplotlib
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python benchmarks/run.py --mode full
+
+bench-quick: build bench-venv
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(PIP) install -q matplotlib
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python benchmarks/run.py --mode quick
 
 fuzz: setup
 	command -v clang >/dev/null || (apt-get update -qq && apt-get install -y -qq clang)

@@ -32,6 +32,16 @@ import ray  # noqa: E402
 P = time.perf_counter
 
 
+def short(exc) -> str:
+    """One line for an exception: its type and the last line that names an error."""
+    import re
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    named = [ln for ln in lines if "Error" in ln or "error" in ln]
+    line = (named[-1] if named else (lines[0] if lines else ""))[:240]
+    return f"{type(exc).__name__}: {line}"
+
+
 def log(msg):
     print(f"[{ADAPTER_NAME} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -312,7 +322,7 @@ def run_model(adapter, name, item, plan, out):
     try:
         handle, w = do_wrap(adapter, pipeline, spec)
     except Exception as exc:  # noqa: BLE001
-        res["errors"].append(f"wrap: {type(exc).__name__}: {str(exc)[:300]}")
+        res["errors"].append(f"wrap: {short(exc)}")
         log(f"  wrap failed: {res['errors'][-1]}")
         kill_actors(actors)
         return
@@ -336,7 +346,7 @@ def run_model(adapter, name, item, plan, out):
         try:
             fn()
         except Exception as exc:  # noqa: BLE001
-            res["errors"].append(f"{fig}: {type(exc).__name__}: {str(exc)[:300]}")
+            res["errors"].append(f"{fig}: {short(exc)}")
             log(f"  {fig} failed: {res['errors'][-1]}")
             traceback.print_exc()
     kill_actors(actors)
@@ -350,7 +360,7 @@ def run_model(adapter, name, item, plan, out):
         try:
             h, w = do_wrap(adapter, pipeline, spec)
         except Exception as exc:  # noqa: BLE001
-            res["errors"].append(f"wrap repeat: {exc}")
+            res["errors"].append(f"wrap repeat: {short(exc)}")
             break
         times.append(w["seconds"])
         peaks.append(w["peak_extra_rss"])
@@ -404,7 +414,7 @@ def main():
             run_model(adapter, item["model"], item, plan, out)
         except Exception as exc:  # noqa: BLE001
             out["models"].setdefault(item["model"], {"errors": []})["errors"].append(
-                f"{type(exc).__name__}: {str(exc)[:300]}")
+                short(exc))
             traceback.print_exc()
         bc.write_json(args.out, out)
     out["seconds"] = P() - t0
