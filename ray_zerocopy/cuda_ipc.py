@@ -121,12 +121,30 @@ def measure_shared_copy(gib: float = 2.0, consumers: int = 4) -> dict:
         free, total = torch.cuda.mem_get_info(dev)
         return total - free
 
+    def collect(q, procs, timeout=120.0) -> list:
+        """Reports from every child, or an error naming the children that died or hung."""
+        import queue
+        import time
+
+        reports, deadline = [], time.monotonic() + timeout
+        while len(reports) < len(procs):
+            try:
+                reports.append(q.get(timeout=1.0))
+            except queue.Empty:
+                dead = [(p.pid, p.exitcode) for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    for p in procs:
+                        p.kill()
+                    raise RuntimeError(f"CUDA IPC measurement: {len(reports)}/{len(procs)} child "
+                                       f"processes reported; died (pid, exit code): {dead}")
+        return reports
+
     def run(target, args_for) -> tuple[int, list]:
         q = ctx.Queue()
         procs = [ctx.Process(target=target, args=args_for(q)) for _ in range(consumers)]
         for p in procs:
             p.start()
-        reports = [q.get(timeout=300) for _ in procs]
+        reports = collect(q, procs)
         u = used()
         for _ in procs:
             q.put("done")
@@ -141,8 +159,7 @@ def measure_shared_copy(gib: float = 2.0, consumers: int = 4) -> dict:
     idle = [ctx.Process(target=_idle, args=(q0,)) for _ in range(consumers)]
     for p in idle:
         p.start()
-    for _ in idle:
-        q0.get(timeout=300)
+    collect(q0, idle)
     contexts = used() - base
     for _ in idle:
         q0.put("done")

@@ -277,9 +277,11 @@ def test_model_wrapper_published_api(ray_session):
 
 
 def _store_used_bytes() -> int:
+    import ray
     from ray._private.internal_api import memory_summary
 
-    s = memory_summary(stats_only=True)
+    # Name this session's GCS: another Ray instance on the machine must not confuse it.
+    s = memory_summary(address=ray._private.worker._global_node.gcs_address, stats_only=True)
     m = re.search(r"Plasma memory usage (\d+) MiB", s)
     return int(m.group(1)) << 20 if m else 0
 
