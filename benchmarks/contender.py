@@ -202,13 +202,16 @@ def do_memory(adapter, actors, handle, spec, counts, baseline, model_nbytes, res
 def do_load(adapter, handle, spec, repeats, steady_n, res, with_steady):
     """Figures 2 and 5: load latency in a fresh actor, first and steady-state inference."""
     loads, firsts, steady = [], [], None
-    for r in range(repeats):
-        (a,) = start_actors(1)
+    # all fresh actors are started together and are ready before the first load is timed;
+    # then each loads once, one after another (a new actor for every repeat)
+    fresh = start_actors(repeats)
+    for r, a in enumerate(fresh):
         loads.append(ray.get(a.load.remote([handle], spec)))
         firsts.append(ray.get(a.first_inference.remote(spec)))
         if with_steady and r == 0:
             steady = ray.get(a.steady.remote(spec, steady_n))
-        kill_actors([a])
+        ray.get(a.drop.remote())
+    kill_actors(fresh)
     res["load"] = bc.summary(loads)
     res["first_inference"] = bc.summary(firsts)
     log(f"  load median {res['load']['median'] * 1e3:.1f} ms, first inference "
@@ -326,6 +329,8 @@ def run_model(adapter, name, item, plan, out):
         log(f"  wrap failed: {res['errors'][-1]}")
         kill_actors(actors)
         return
+    w["first_in_process"] = not out.get("_wrapped_before")
+    out["_wrapped_before"] = True
     res["wrap_first"] = w
     log(f"  wrap {w['seconds']:.2f} s, peak extra RSS {w['peak_extra_rss'] / 2**20:,.0f} MiB "
         f"({w['peak_extra_rss'] / nbytes:.2f} models)")
