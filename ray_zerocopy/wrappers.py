@@ -172,7 +172,28 @@ class _RemoteMethod:
         return f"<remote method {self._wrapper._shared.cls_name}.{self._name}>"
 
 
-class TaskWrapper:
+class _Handle:
+    """What every wrapper knows about its packed pipeline (``self._shared``)."""
+
+    _shared: _Shared
+
+    @property
+    def object_ref(self) -> ray.ObjectRef:
+        """The ObjectRef of the packed pipeline in Ray's object store."""
+        return self._shared.ref
+
+    @property
+    def methods(self) -> frozenset[str]:
+        """The names of the pipeline's public methods (and ``__call__`` if callable)."""
+        return self._shared.methods
+
+    @property
+    def wrap_seconds(self) -> float:
+        """Seconds spent packing and putting the pipeline."""
+        return self._shared.wrap_seconds
+
+
+class TaskWrapper(_Handle):
     """Runs each method call of a pipeline in a Ray task that maps the weights with no copy.
 
     Wrapping packs the pipeline once and puts it into Ray's object store (owned by this
@@ -215,21 +236,6 @@ class TaskWrapper:
         self._task_device, self._ray_options = _check_device_for_ray(device, ray_options)
         self._shared = _Shared.put(pipeline)
 
-    @property
-    def object_ref(self) -> ray.ObjectRef:
-        """The ObjectRef of the packed pipeline in Ray's object store."""
-        return self._shared.ref
-
-    @property
-    def methods(self) -> frozenset[str]:
-        """The names of the forwarded methods."""
-        return self._shared.methods
-
-    @property
-    def wrap_seconds(self) -> float:
-        """Seconds spent packing and putting the pipeline."""
-        return self._shared.wrap_seconds
-
     def __getattr__(self, name: str) -> _RemoteMethod:
         if name.startswith("__") or name == "_shared":
             raise AttributeError(name)
@@ -266,7 +272,7 @@ class TaskWrapper:
                         "to actors and Ray Data instead")
 
 
-class ActorWrapper:
+class ActorWrapper(_Handle):
     """A small picklable handle on a pipeline in Ray's object store, for actors and Ray Data.
 
     Its pickle holds the ObjectRef and a few settings, never weights. Inside an actor, Ray
@@ -300,19 +306,6 @@ class ActorWrapper:
         self.writable = bool(writable)
         self._shared = _Shared.put(pipeline)
         self.load_seconds: float | None = None
-
-    @property
-    def object_ref(self) -> ray.ObjectRef:
-        """The ObjectRef of the packed pipeline in Ray's object store."""
-        return self._shared.ref
-
-    @property
-    def methods(self) -> frozenset[str]:
-        return self._shared.methods
-
-    @property
-    def wrap_seconds(self) -> float:
-        return self._shared.wrap_seconds
 
     def load(self, device: Any = "default", use_fast_load: bool | None = None) -> Any:
         """Returns the pipeline, its weights mapped from the object store with no copy.
@@ -378,7 +371,7 @@ def _run_module_method(_zc_spec: tuple, *args: Any, **kwargs: Any) -> Any:
     return getattr(_resolve_path(pipeline, path), method)(*args, **kwargs)
 
 
-class ModelWrapper:
+class ModelWrapper(_Handle):
     """The API of the published ``ray-zerocopy`` library, over this library's arena.
 
     ``ModelWrapper.from_model(p, mode="actor")`` behaves like :class:`ActorWrapper`;
@@ -431,11 +424,6 @@ class ModelWrapper:
     def for_tasks(cls, model_or_pipeline: Any, method_names: tuple[str, ...] | None = None) -> Any:
         """``from_model(model_or_pipeline, mode="task", method_names=...).load()``."""
         return cls.from_model(model_or_pipeline, mode="task", method_names=method_names).load()
-
-    @property
-    def object_ref(self) -> ray.ObjectRef:
-        """The ObjectRef of the packed pipeline in Ray's object store."""
-        return self._shared.ref
 
     @property
     def model_refs(self) -> dict[str, ray.ObjectRef]:
