@@ -300,6 +300,9 @@ def do_task(adapter, handle, spec, pipeline, calls, res):
 def run_model(adapter, name, item, plan, out):
     spec = bm.MODELS[name]
     figs = set(item["figures"])
+    only = plan.get("contender_figures", {}).get(adapter.name)
+    if only is not None:  # a variant measured on a few figures only
+        figs &= set(only)
     res = out["models"].setdefault(name, {"spec": spec, "errors": []})
     t_model = P()
     torch.manual_seed(0)

@@ -32,6 +32,7 @@ PUB_PY = os.path.join(ROOT, "bench-venv", "bin", "python")
 CONTENDERS = [  # name, python, extra env
     ("ours-actor", OURS_PY, {}),
     ("ours-task", OURS_PY, {}),
+    ("ours-actor-fastload", OURS_PY, {}),
     ("published-actor", PUB_PY, {}),
     ("published-task", PUB_PY, {}),
     ("ray-zerocopy-tensors", OURS_PY, {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}),
@@ -41,6 +42,7 @@ CONTENDERS = [  # name, python, extra env
 LABELS = {
     "ours-actor": "ours: ActorWrapper",
     "ours-task": "ours: TaskWrapper",
+    "ours-actor-fastload": "ours: ActorWrapper, use_fast_load=True",
     "published-actor": "ray-zerocopy 0.2.0: ModelWrapper actor",
     "published-task": "ray-zerocopy 0.2.0: ModelWrapper task",
     "ray-zerocopy-tensors": "Ray: RAY_ENABLE_ZERO_COPY_TORCH_TENSORS",
@@ -59,6 +61,7 @@ PLANS = {
         "main": "gpt2-medium", "bytes_pair": ["stack-200t-d512", "stack-200t-d1024"],
         "load_repeats": 3, "steady_calls": 4, "wrap_repeats": 1, "task_calls": 10,
         "data_rows": 32, "data_batch": 8, "copy_actor_cap": 4,
+        "contender_figures": {"ours-actor-fastload": ["load", "inference"]},
     },
     "smoke": {  # a fast check of the harness itself, not a benchmark
         "models": [
@@ -68,6 +71,7 @@ PLANS = {
         "main": "stack-200t-d512", "bytes_pair": ["stack-200t-d512", "stack-200t-d1024"],
         "load_repeats": 2, "steady_calls": 4, "wrap_repeats": 1, "task_calls": 5,
         "data_rows": 16, "data_batch": 8,
+        "contender_figures": {"ours-actor-fastload": ["load", "inference"]},
     },
     "full": {
         "models": [
@@ -84,6 +88,7 @@ PLANS = {
         "main": "gpt2-medium", "bytes_pair": ["stack-200t-d1024", "stack-200t-d2048"],
         "load_repeats": 7, "steady_calls": 20, "wrap_repeats": 4, "task_calls": 30,
         "data_rows": 128, "data_batch": 8,
+        "contender_figures": {"ours-actor-fastload": ["load", "inference"]},
     },
 }
 

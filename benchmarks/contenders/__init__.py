@@ -9,7 +9,7 @@ returns a usable pipeline) and, for task adapters, ``task_callable(handle)``.
 import importlib
 
 MODULES = {
-    "ours-task": "ours", "ours-actor": "ours",
+    "ours-task": "ours", "ours-actor": "ours", "ours-actor-fastload": "ours",
     "published-task": "published", "published-actor": "published",
     "ray-zerocopy-tensors": "ray_native",
     "plain-put": "plain", "plain-file": "plain",

@@ -23,4 +23,15 @@ class OursTask:
         return handle
 
 
-ADAPTERS = {"ours-actor": OursActor, "ours-task": OursTask}
+class OursActorFast(OursActor):
+    """use_fast_load=True: the page tables are populated while loading (first inference
+    without page faults), so load latency grows with the bytes and first inference shrinks."""
+
+    name = "ours-actor-fastload"
+
+    def wrap(self, pipeline, spec):
+        from ray_zerocopy import ActorWrapper
+        return ActorWrapper(pipeline, use_fast_load=True)
+
+
+ADAPTERS = {"ours-actor": OursActor, "ours-task": OursTask, "ours-actor-fastload": OursActorFast}
