@@ -12,6 +12,7 @@ Options: --only a,b (subset of contenders), --no-docs (JSON only), --results DIR
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shlex
@@ -546,10 +547,42 @@ def write_docs(path, results, plan, targets, meta):
         w("## Failures and skipped measurements\n")
         w("\n".join(errs))
         w("")
-    w("## GPU\n")
-    w("See the GPU section below (filled by `make gpu-check`).\n")
+    gpu_section(w)
     with open(path, "w") as f:
         f.write("\n".join(L))
+
+
+def gpu_section(w):
+    """The GPU figures: every benchmarks/gpu_results/*.json written by gpu_bench.py (run by
+    `make gpu-check` on a machine with a GPU; this machine has none)."""
+    w("## GPU\n")
+    files = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "gpu_results", "*.json")))
+    if not files:
+        w("No GPU results yet: run `make gpu-check` on a machine with a GPU and copy its JSON "
+          "into `benchmarks/gpu_results/`.\n")
+        return
+    w("Host shared memory (a `/dev/shm` file mapped afresh per trial, as a worker maps an object "
+      "it has not touched) to one GPU, no Ray (`benchmarks/gpu_bench.py`, run by "
+      "`make gpu-check`). Medians with min-max; ratios against per-tensor `.to(\"cuda\")`. "
+      "Target of the GPU issue: at least 50 GB/s for 2 GiB or more; see docs/device.md for "
+      "what was learned.\n")
+    for path in files:
+        with open(path) as f:
+            d = json.load(f)
+        meta = d.get("meta", {})
+        w(f"**{meta.get('device')}**, {meta.get('cpus')} CPUs, torch {meta.get('torch')}, CUDA "
+          f"{meta.get('cuda')}; command: `{meta.get('command')}` "
+          f"(`{os.path.relpath(path, ROOT)}`)\n")
+        for size in d.get("sizes", []):
+            res = size["results"]
+            base = res["per-tensor .to(cuda)"]["median_s"]
+            w(f"{size['bytes'] / 2**30:.2f} GiB, {size['tensors']} fp16 tensors\n")
+            w("| method | seconds | GB/s | vs per-tensor |\n|---|---|---|---|")
+            for name, v in res.items():
+                w(f"| {name} | {v['median_s']:.4f} ({v['min_s']:.4f} - {v['max_s']:.4f}) | "
+                  f"{v['GBps']:.1f} | {base / v['median_s']:.2f}x |")
+            met = max(v["GBps"] for k, v in res.items() if "prefaulted" not in k) >= 50
+            w(f"\n50 GB/s target: **{'met' if met else 'missed'}**.\n")
 
 
 def main():
