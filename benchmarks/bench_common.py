@@ -1,8 +1,8 @@
 """Helpers shared by every contender process (both venvs import this file by path).
 
 No import of ray_zerocopy here: the published library's venv has a package of the same name.
-The /proc logic below is the same as ``ray_zerocopy.memory`` (PSS summed over the node's Ray
-processes), copied so that every contender measures memory the same way.
+Memory is measured by ``ray_zerocopy/memory.py`` (PSS summed over the node's Ray processes),
+loaded from its file, so that every contender measures memory the same way.
 """
 
 from __future__ import annotations
@@ -16,53 +16,25 @@ import sys
 import time
 
 # --------------------------------------------------------------------------- memory (/proc)
+# The package's own /proc accounting, loaded from its file: the published library's venv has a
+# package of the same import name, so `import ray_zerocopy.memory` would find the wrong one.
+# ray_zerocopy/memory.py imports nothing but the standard library.
+
+def _load_memory_module():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ray_zerocopy",
+                        "memory.py")
+    spec = importlib.util.spec_from_file_location("_rzc_memory", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def _rollup(pid: int) -> dict:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[-1] == "kB":
-                    out[parts[0].rstrip(":")] = int(parts[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        pass
-    return out
-
-
-def pss(pid: int | None = None) -> int:
-    return _rollup(pid or os.getpid()).get("Pss", 0)
-
-
-_RAY_MARKERS = ("raylet", "gcs_server", "plasma_store", "default_worker.py", "ray::",
-                "dashboard", "log_monitor.py", "monitor.py", "runtime_env/agent")
-
-
-def ray_node_pids(include_self: bool = True) -> list:
-    pids = []
-    me = os.getpid()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        pid = int(name)
-        if pid == me:
-            if include_self:
-                pids.append(pid)
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(m in cmd for m in _RAY_MARKERS):
-            pids.append(pid)
-    return pids
-
-
-def node_pss(include_self: bool = True) -> int:
-    """PSS summed over this machine's Ray processes and this one, in bytes."""
-    return sum(pss(p) for p in ray_node_pids(include_self))
+_memory = _load_memory_module()
+pss = _memory.pss
+ray_node_pids = _memory.ray_node_pids
+node_pss = _memory.node_pss
 
 
 def core_pids() -> list:

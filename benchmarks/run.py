@@ -60,8 +60,8 @@ PLANS = {
             {"model": "stack-200t-d1024", "figures": ["wrap", "load"]},
         ],
         "main": "gpt2-medium", "bytes_pair": ["stack-200t-d512", "stack-200t-d1024"],
-        "load_repeats": 3, "steady_calls": 4, "wrap_repeats": 1, "task_calls": 10,
-        "data_rows": 32, "data_batch": 8, "copy_actor_cap": 4,
+        "load_repeats": 3, "steady_calls": 3, "wrap_repeats": 1, "task_calls": 10,
+        "data_rows": 16, "data_batch": 8, "copy_actor_cap": 4,
         "contender_figures": {"ours-actor-fastload": ["load", "inference"]},
     },
     "smoke": {  # a fast check of the harness itself, not a benchmark
