@@ -7,10 +7,12 @@ touched on this path (unless a device or ``fast_load`` asks for it).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import pickle
 import struct
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -25,6 +27,20 @@ __all__ = ["unpack", "LoadedArena", "rebuild", "verify_arena"]
 
 _SKELETON_HEADER = struct.Struct("<8sI")
 _SKELETON_MAGIC = b"RZCSKEL1"
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pauses the cyclic garbage collector while many small objects are made (manifest tuples,
+    views, the skeleton's modules): in a process that imported torch, a full collection
+    triggered there costs more than the whole O(tensors) load."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _extent(shape: tuple, stride: tuple, itemsize: int) -> int:
@@ -61,6 +77,11 @@ class LoadedArena:
 
     def __init__(self, buffer: Any, *, device: Any = None, fast_load: bool = False,
                  protect: bool = False, writable: bool = False, nthreads: int = 0):
+        with _gc_paused():
+            self._load(buffer, device, fast_load, protect, writable, nthreads)
+
+    def _load(self, buffer: Any, device: Any, fast_load: bool, protect: bool, writable: bool,
+              nthreads: int) -> None:
         if writable:
             src = memoryview(buffer).cast("B")
             copy = np.empty(len(src) + 4096, dtype=np.uint8)
@@ -168,7 +189,8 @@ def rebuild(skeleton: bytes, loaded: LoadedArena) -> Any:
             f"{loaded.manifest_crc:#010x}: the skeleton and the arena do not belong together")
     f = io.BytesIO(skeleton)
     f.seek(_SKELETON_HEADER.size)
-    return _SkeletonUnpickler(f, loaded.objects()).load()
+    with _gc_paused():
+        return _SkeletonUnpickler(f, loaded.objects()).load()
 
 
 def unpack(skeleton: bytes, buffer: Any, *, device: Any = None, fast_load: bool = False,
