@@ -448,7 +448,7 @@ class ModelWrapper(_Handle):
 
         if self._is_module:
             return _RemoteModule(self._shared, "", self._method_names)
-        pipeline = rebuild(skeleton, LoadedArena(arena))
+        pipeline = rebuild(skeleton, LoadedArena(arena, protect=True))  # shared: read-only
         names = self._model_attr_names or [
             p for p, m in find_modules(pipeline) if p and "." not in p and "[" not in p]
         for name in names:
