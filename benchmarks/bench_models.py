@@ -178,7 +178,9 @@ def model_bytes(model: nn.Module) -> tuple[int, int]:
     seen, total, n = set(), 0, 0
     for t in list(model.parameters()) + list(model.buffers()):
         n += 1
-        key = t.untyped_storage().data_ptr()
+        # Meta tensors (the skeletons used for sizing) have no address: tell them apart by
+        # object identity instead, which still counts a tied weight once.
+        key = id(t) if t.is_meta else t.untyped_storage().data_ptr()
         if key in seen:
             continue
         seen.add(key)
