@@ -239,8 +239,9 @@ def _check_tensor(t: torch.Tensor, name: str) -> None:
 
 def _aligned_empty(nbytes: int, align: int = 4096) -> np.ndarray:
     """A page-aligned uint8 array. Large ones are an anonymous mapping with transparent huge
-    pages requested: the gather copy is the first write to every page of the arena, and 4 KiB
-    page faults made it 2 - 3 times slower than the copy itself on the development VM."""
+    pages requested: the gather copy is the first write to every page of the arena, and on the
+    development VM its 4 KiB page faults cost more than the copy itself (the wrap figures in
+    docs/benchmarks.md are measured with this allocation)."""
     if nbytes >= (4 << 20) and hasattr(mmap, "MADV_HUGEPAGE"):
         mm = mmap.mmap(-1, nbytes)
         try:
