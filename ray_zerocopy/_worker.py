@@ -103,17 +103,3 @@ def _janitor_loop() -> None:
             stale = [k for k, v in _cache.items() if v[2][0] < cutoff]
             for k in stale:
                 del _cache[k]
-
-
-def clear_cache() -> int:
-    """Drops every cached arena of this process; returns how many were dropped."""
-    with _lock:
-        n = len(_cache)
-        _cache.clear()
-    return n
-
-
-def cache_size() -> int:
-    """Number of arenas this process has cached."""
-    with _lock:
-        return len(_cache)

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import _zc
 from .device import resolve_device, upload
-from .dtypes import torch_dtype
+from .unpack import device_views
 
 __all__ = ["DeviceCopy", "export_handle", "open_views", "measure_shared_copy"]
 
@@ -65,16 +65,9 @@ def open_views(handle: tuple) -> list[torch.Tensor]:
     """The consumer's side: opens a :meth:`DeviceCopy.handle` and returns the tensor views
     (parameters as ``nn.Parameter``), in manifest order, all inside the holder's allocation."""
     (rebuild_fn, args), info, tensors = handle
-    devbuf = rebuild_fn(*args)
-    storage = devbuf.untyped_storage()
-    base = devbuf.storage_offset()
-    out = []
-    for name, sidx, dt, shape, stride, soff, kind, flags, boff in tensors:
-        itemsize = _zc.dtype_size(dt)
-        t = torch.empty(0, dtype=torch_dtype(dt), device=devbuf.device)
-        t.set_(storage, base + (boff - info["data_offset"]) // itemsize, shape, stride)
-        out.append(nn.Parameter(t, requires_grad=False) if kind == _zc.KIND_PARAMETER else t)
-    return out
+    views = device_views(rebuild_fn(*args), tensors, info["data_offset"])
+    return [nn.Parameter(v, requires_grad=False) if e[6] == _zc.KIND_PARAMETER else v
+            for v, e in zip(views, tensors)]
 
 
 def _consumer(handle, q, n_tensors):  # pragma: no cover - runs in a child process
@@ -104,8 +97,6 @@ def measure_shared_copy(gib: float = 2.0, consumers: int = 4) -> dict:
     one private copy each. Returns figures in GiB (device-wide used memory, from
     ``cudaMemGetInfo``, minus the same with idle CUDA contexts)."""
     import multiprocessing as mp
-
-    import numpy as np
 
     ctx = mp.get_context("spawn")
     nbytes = int(gib * 2**30)
@@ -172,7 +163,7 @@ def measure_shared_copy(gib: float = 2.0, consumers: int = 4) -> dict:
     shared = shared_used - base - contexts
     consumer_alloc = max(r[2] for r in rep)
     ok = all(r[1] for r in rep)
-    del holder, handle
+    holder = handle = None  # frees the shared copy (the consumers have exited)
     torch.cuda.empty_cache()
 
     path = f"/dev/shm/rzc_ipc_{os.getpid()}.arena"

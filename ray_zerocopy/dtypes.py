@@ -6,14 +6,11 @@ import torch
 
 from . import _zc
 
-# Arena dtype name -> torch attribute name, for the names that differ.
-_TORCH_NAMES = {"complex32": "complex32"}
-
 TORCH_TO_CODE: dict[torch.dtype, int] = {}
 CODE_TO_TORCH: dict[int, torch.dtype] = {}
 
 for _name, _code in _zc.DTYPE_CODES.items():
-    _dt = getattr(torch, _TORCH_NAMES.get(_name, _name), None)
+    _dt = getattr(torch, _name, None)  # the arena's dtype names are torch's
     if isinstance(_dt, torch.dtype):
         TORCH_TO_CODE[_dt] = _code
         CODE_TO_TORCH[_code] = _dt

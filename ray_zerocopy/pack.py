@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import mmap
-import pickle
 import struct
 import types
 from dataclasses import dataclass
@@ -216,7 +215,7 @@ def _find_unpicklable(root: Any) -> str | None:
 
 
 def _check_tensor(t: torch.Tensor, name: str) -> None:
-    if not isinstance(t, _ALLOWED_TENSOR_TYPES) or type(t) not in _ALLOWED_TENSOR_TYPES:
+    if type(t) not in _ALLOWED_TENSOR_TYPES:
         raise PackError(
             f"{name}: tensors of type {type(t).__module__}.{type(t).__qualname__} cannot be shared "
             "(only plain tensors, nn.Parameter and buffers); materialize it first"
@@ -240,8 +239,8 @@ def _check_tensor(t: torch.Tensor, name: str) -> None:
 def _aligned_empty(nbytes: int, align: int = 4096) -> np.ndarray:
     """A page-aligned uint8 array. Large ones are an anonymous mapping with transparent huge
     pages requested: the gather copy is the first write to every page of the arena, and on the
-    development VM its 4 KiB page faults cost more than the copy itself (the wrap figures in
-    docs/benchmarks.md are measured with this allocation)."""
+    development VM its 4 KiB page faults cost more than the copy itself
+    (`benchmarks/load_breakdown.py` measures pack() with both allocations)."""
     if nbytes >= (4 << 20) and hasattr(mmap, "MADV_HUGEPAGE"):
         mm = mmap.mmap(-1, nbytes)
         try:

@@ -11,10 +11,8 @@ import contextlib
 import gc
 import io
 import pickle
-import struct
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -22,11 +20,10 @@ from . import _zc
 from .device import resolve_device, upload
 from .dtypes import torch_dtype
 from .errors import UnpackError
+from .pack import _SKELETON_HEADER, SKELETON_MAGIC, _aligned_empty
 
 __all__ = ["unpack", "LoadedArena", "rebuild", "verify_arena"]
 
-_SKELETON_HEADER = struct.Struct("<8sI")
-_SKELETON_MAGIC = b"RZCSKEL1"
 
 
 @contextlib.contextmanager
@@ -50,6 +47,19 @@ def _extent(shape: tuple, stride: tuple, itemsize: int) -> int:
             return 0
         last += (n - 1) * s
     return (last + 1) * itemsize
+
+
+def device_views(devbuf: torch.Tensor, entries: list, data_offset: int) -> list[torch.Tensor]:
+    """Views of the manifest's tensors (``parse()["tensors"]``) into ``devbuf``, a uint8 tensor
+    holding an arena's data region (on any device; the offsets are taken in bytes)."""
+    storage = devbuf.untyped_storage()
+    base = devbuf.storage_offset()
+    views = []
+    for name, sidx, dt, shape, stride, soff, kind, flags, boff in entries:
+        t = torch.empty(0, dtype=torch_dtype(dt), device=devbuf.device)
+        t.set_(storage, (base + boff - data_offset) // _zc.dtype_size(dt), shape, stride)
+        views.append(t)
+    return views
 
 
 class LoadedArena:
@@ -84,8 +94,7 @@ class LoadedArena:
               nthreads: int) -> None:
         if writable:
             src = memoryview(buffer).cast("B")
-            copy = np.empty(len(src) + 4096, dtype=np.uint8)
-            copy = copy[(-copy.ctypes.data) % 4096:][:len(src)]
+            copy = _aligned_empty(len(src))
             _zc.copy(copy, 0, src, 0, len(src), nthreads)
             buffer = copy
             protect = False
@@ -109,10 +118,10 @@ class LoadedArena:
                     base = torch.frombuffer(self.mapping, dtype=torch.uint8, count=length, offset=off)
                 else:
                     base = torch.empty(0, dtype=torch.uint8)
-                storages.append((off, base.untyped_storage()))
+                storages.append(base.untyped_storage())
             for name, sidx, dt, shape, stride, soff, kind, flags, boff in entries:
                 t = torch.empty(0, dtype=torch_dtype(dt))
-                t.set_(storages[sidx][1], soff, shape, stride)
+                t.set_(storages[sidx], soff, shape, stride)
                 views.append(t)
             if protect and data_size:
                 ranges = [(e[8], _extent(e[3], e[4], _zc.dtype_size(e[2])), e[0]) for e in entries]
@@ -121,24 +130,11 @@ class LoadedArena:
             devbuf = upload(self.mapping, data_offset, data_size, self.device,
                             fast=fast_load, nthreads=nthreads)
             self.device_buffer = devbuf
-            storage = devbuf.untyped_storage()
-            for name, sidx, dt, shape, stride, soff, kind, flags, boff in entries:
-                dtype = torch_dtype(dt)
-                itemsize = _zc.dtype_size(dt)
-                t = torch.empty(0, dtype=dtype, device=self.device)
-                t.set_(storage, (boff - data_offset) // itemsize, shape, stride)
-                views.append(t)
+            views = device_views(devbuf, entries, data_offset)
             # The host mapping is no longer needed: the device holds the data. Dropping it
             # releases the buffer (and the Ray object) once nothing else uses it.
             self.mapping = None
         self.views = views
-
-    @property
-    def data_address(self) -> tuple[int, int]:
-        """(start address, size) of the host mapping this arena's views point into."""
-        if self.mapping is None:
-            return (0, 0)
-        return (self.mapping.address, self.mapping.size)
 
     def objects(self) -> list[torch.Tensor]:
         """Fresh tensor objects for one rebuild: parameters as ``nn.Parameter``
@@ -151,12 +147,6 @@ class LoadedArena:
                 out.append(v.detach())
         return out
 
-    def release(self) -> None:
-        """Lifts write protection and drops the views; the buffer can then be freed
-        once no tensor built from it is alive."""
-        self.views = []
-        if self.mapping is not None and self.mapping.protected:
-            self.mapping.unprotect()
 
 
 class _SkeletonUnpickler(pickle.Unpickler):
@@ -181,8 +171,8 @@ def rebuild(skeleton: bytes, loaded: LoadedArena) -> Any:
     if len(skeleton) < _SKELETON_HEADER.size:
         raise UnpackError(f"skeleton is {len(skeleton)} bytes: too short to be one")
     magic, crc = _SKELETON_HEADER.unpack_from(skeleton)
-    if magic != _SKELETON_MAGIC:
-        raise UnpackError(f"skeleton starts with {magic!r}, expected {_SKELETON_MAGIC!r}")
+    if magic != SKELETON_MAGIC:
+        raise UnpackError(f"skeleton starts with {magic!r}, expected {SKELETON_MAGIC!r}")
     if crc != loaded.manifest_crc:
         raise UnpackError(
             f"skeleton was made for an arena with manifest CRC32C {crc:#010x}, this arena has "

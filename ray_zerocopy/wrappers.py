@@ -12,7 +12,6 @@ import time
 from typing import Any, Callable, Iterable, Literal
 
 import ray
-import torch
 from torch import nn
 
 from . import _worker
