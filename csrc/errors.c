@@ -27,6 +27,7 @@ static const zc_error_entry k_errors[] = {
     {ZC_EOVERFLOW, "ZC_EOVERFLOW", "A size computation overflows 64 bits."},
     {ZC_ENOMEM, "ZC_ENOMEM", "Out of memory."},
     {ZC_ETOOBIG, "ZC_ETOOBIG", "A count or size exceeds a format limit."},
+    {ZC_ENODATACRC, "ZC_ENODATACRC", "The arena carries no data checksum to verify against."},
     {-EPERM, "EPERM", "Operation not permitted."},
     {-ENOENT, "ENOENT", "No such file or directory."},
     {-EINTR, "EINTR", "Interrupted system call."},

@@ -78,11 +78,11 @@ int zc_plan(const uint64_t *storage_sizes, uint32_t n_storages, const zc_tensor_
 }
 
 /* Checks that a plan and the arrays passed with it agree, so writing cannot overflow dst. */
-static int check_plan(size_t dst_cap, const zc_plan_t *plan, const uint64_t *storage_sizes,
+static int check_plan(uint64_t need, size_t dst_cap, const zc_plan_t *plan, const uint64_t *storage_sizes,
                       const uint64_t *storage_offsets, const zc_tensor_desc *tensors) {
     uint64_t n_dims = 0, strings = 0, manifest_size, end = 0, data_offset;
 
-    if (plan->total_size > dst_cap || plan->manifest_offset != ZC_HEADER_SIZE) return ZC_EINVAL;
+    if (need > dst_cap || plan->manifest_offset != ZC_HEADER_SIZE) return ZC_EINVAL;
     if ((plan->n_storages && (!storage_sizes || !storage_offsets)) || (plan->n_tensors && !tensors))
         return ZC_EINVAL;
     for (uint32_t i = 0; i < plan->n_tensors; i++) {
@@ -110,16 +110,12 @@ static int check_plan(size_t dst_cap, const zc_plan_t *plan, const uint64_t *sto
     return 0;
 }
 
-int zc_write_manifest(void *dst, size_t dst_cap, const zc_plan_t *plan, const uint64_t *storage_sizes,
-                      const uint64_t *storage_offsets, const zc_tensor_desc *tensors) {
-    unsigned char *a = (unsigned char *)dst;
+/* Writes the header and manifest of a checked plan into a, and the zero padding up to the data
+ * region; with_data also zeroes the padding between storages inside the data region. */
+static void write_meta(unsigned char *a, const zc_plan_t *plan, const uint64_t *storage_sizes,
+                       const uint64_t *storage_offsets, const zc_tensor_desc *tensors, int with_data) {
     unsigned char *st, *tt, *dims, *strs, *data;
     uint32_t name_off = 0, dims_idx = 0;
-    int rc;
-
-    if (!dst || !plan) return ZC_EINVAL;
-    rc = check_plan(dst_cap, plan, storage_sizes, storage_offsets, tensors);
-    if (rc) return rc;
 
     memset(a, 0, ZC_HEADER_SIZE);
     memcpy(a + ZC__H_MAGIC, ZC_MAGIC, 8);
@@ -148,9 +144,9 @@ int zc_write_manifest(void *dst, size_t dst_cap, const zc_plan_t *plan, const ui
         uint64_t next = i + 1 < plan->n_storages ? storage_offsets[i + 1] : plan->data_size;
         zc__wr64(st + 16u * i, storage_offsets[i]);
         zc__wr64(st + 16u * i + 8, storage_sizes[i]);
-        memset(data + end, 0, (size_t)(next - end));
+        if (with_data) memset(data + end, 0, (size_t)(next - end));
     }
-    if (plan->n_storages == 0) memset(data, 0, (size_t)plan->data_size);
+    if (with_data && plan->n_storages == 0) memset(data, 0, (size_t)plan->data_size);
 
     for (uint32_t i = 0; i < plan->n_tensors; i++) {
         const zc_tensor_desc *t = &tensors[i];
@@ -177,6 +173,31 @@ int zc_write_manifest(void *dst, size_t dst_cap, const zc_plan_t *plan, const ui
     memset(a + ZC_HEADER_SIZE + plan->manifest_size, 0,
            (size_t)(plan->data_offset - ZC_HEADER_SIZE - plan->manifest_size));
     zc__wr32(a + ZC__H_MANIFEST_CRC, zc_crc32c(0, st, (size_t)plan->manifest_size));
+}
+
+int zc_write_manifest(void *dst, size_t dst_cap, const zc_plan_t *plan, const uint64_t *storage_sizes,
+                      const uint64_t *storage_offsets, const zc_tensor_desc *tensors) {
+    int rc;
+
+    if (!dst || !plan) return ZC_EINVAL;
+    rc = check_plan(plan->total_size, dst_cap, plan, storage_sizes, storage_offsets, tensors);
+    if (rc) return rc;
+    write_meta((unsigned char *)dst, plan, storage_sizes, storage_offsets, tensors, 1);
+    return 0;
+}
+
+int zc_write_header(void *dst, size_t dst_cap, const zc_plan_t *plan, const uint64_t *storage_sizes,
+                    const uint64_t *storage_offsets, const zc_tensor_desc *tensors) {
+    unsigned char *a = (unsigned char *)dst;
+    int rc;
+
+    if (!dst || !plan) return ZC_EINVAL;
+    rc = check_plan(plan->data_offset, dst_cap, plan, storage_sizes, storage_offsets, tensors);
+    if (rc) return rc;
+    write_meta(a, plan, storage_sizes, storage_offsets, tensors, 0);
+    zc__wr32(a + ZC__H_FLAGS, ZC_FLAG_NO_DATA_CRC);
+    zc__wr32(a + ZC__H_DATA_CRC, 0);
+    zc__wr32(a + ZC__H_HEADER_CRC, zc_crc32c(0, a, ZC__H_HEADER_CRC));
     return 0;
 }
 
@@ -192,6 +213,7 @@ int zc_finalize(void *arena, size_t arena_size, int nthreads) {
     /* Only a sane header gets checksums; the validator below reports what is wrong otherwise. */
     if (!zc__add64(data_offset, data_size, &end) && end == total && total <= arena_size &&
         data_offset >= ZC_HEADER_SIZE) {
+        zc__wr32(a + ZC__H_FLAGS, zc__rd32(a + ZC__H_FLAGS) & ~ZC_FLAG_NO_DATA_CRC);
         zc__wr32(a + ZC__H_DATA_CRC, zc_crc32c_mt(a + data_offset, (size_t)data_size, nthreads));
         zc__wr32(a + ZC__H_HEADER_CRC, zc_crc32c(0, a, ZC__H_HEADER_CRC));
     }

@@ -139,7 +139,10 @@ static int validate_header(const unsigned char *a, size_t size, char *msg, size_
         return zc__fail(ZC_EVERSION, msg, cap, "header: version %u is not supported (expected %u)", v,
                         ZC_FORMAT_VERSION);
     v = zc__rd32(a + ZC__H_FLAGS);
-    if (v != 0) return zc__fail(ZC_EHEADER, msg, cap, "header: flags 0x%08x are not zero", v);
+    if (v & ~ZC_FLAG_MASK) return zc__fail(ZC_EHEADER, msg, cap, "header: flags 0x%08x have unknown bits", v);
+    if ((v & ZC_FLAG_NO_DATA_CRC) && zc__rd32(a + ZC__H_DATA_CRC) != 0)
+        return zc__fail(ZC_EHEADER, msg, cap, "header: flags say no data checksum but data_crc is 0x%08x",
+                        zc__rd32(a + ZC__H_DATA_CRC));
     if (zc__rd32(a + ZC__H_RESERVED0) != 0)
         return zc__fail(ZC_EHEADER, msg, cap, "header: reserved bytes [44, 48) are not zero");
     for (unsigned i = 0; i < ZC__H_RESERVED1_SIZE; i++)
@@ -342,6 +345,7 @@ int zc_verify_data(const void *buf, size_t size, int nthreads) {
     zc_arena_info info;
     int rc = zc_validate(buf, size, &info, NULL, 0);
     if (rc) return rc;
+    if (info.flags & ZC_FLAG_NO_DATA_CRC) return ZC_ENODATACRC;
     if (zc_crc32c_mt(a + info.data_offset, (size_t)info.data_size, nthreads) != info.data_crc) return ZC_ECHECKSUM;
     return 0;
 }

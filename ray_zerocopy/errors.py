@@ -17,6 +17,7 @@ __all__ = [
     "WrapperError",
     "DeviceError",
     "OwnerDiedError",
+    "ZeroCopyWarning",
 ]
 
 
@@ -41,3 +42,8 @@ class DeviceError(ZeroCopyError, ValueError):
 
 class OwnerDiedError(ZeroCopyError):
     """The process that wrapped the pipeline (the owner of its weights) has exited."""
+
+
+class ZeroCopyWarning(UserWarning):
+    """Something works, but not zero-copy: e.g. Ray laid an object's buffers out in a way this
+    version does not expect, and the process fell back to a private copy of the weights."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import mmap
+import pickle
 import struct
 import types
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from . import _zc
 from .dtypes import code_of
 from .errors import PackError
 
-__all__ = ["pack", "find_modules", "Packed", "SKELETON_MAGIC"]
+__all__ = ["pack", "store_parts", "StoreArena", "find_modules", "Packed", "SKELETON_MAGIC"]
 
 try:  # the JIT reducers (TorchScript, torch.compile, torch.export); optional module
     from .jit import reduce as _jit_reduce
@@ -253,29 +254,27 @@ def _aligned_empty(nbytes: int, align: int = 4096) -> np.ndarray:
     return raw[start:start + nbytes]
 
 
-def pack(pipeline: Any, *, nthreads: int = 0) -> Packed:
-    """Packs a pipeline into a skeleton and an arena.
+@dataclass
+class _Plan:
+    """A pipeline laid out as an arena, before any weight byte is copied."""
 
-    The pipeline is any object that holds ``nn.Module`` s (or a bare module). It is not
-    modified. The driver holds one extra copy of the weights (the arena) while packing.
-    Tensors on a GPU are copied to the host.
+    pickle_bytes: bytes           # the skeleton's pickle, without its header
+    sizes: list[int]              # bytes of every storage, the two guards included
+    tensors: list[tuple]          # manifest entries as _zc.plan takes them
+    storages: list[torch.Tensor]  # uint8 views of the real storages (sizes[1:-1])
+    data_offset: int
+    total: int
+    offsets: list[int]            # of every storage, from the data region
+    tensor_names: list[str]
+    weight_bytes: int
 
-    Args:
-        pipeline: the object to pack.
-        nthreads: threads for the gather copy and checksum (0: one per CPU).
+    def skeleton(self, header: Any) -> bytes:
+        """The skeleton for an arena whose header (and manifest CRC) is ``header``."""
+        return _SKELETON_HEADER.pack(SKELETON_MAGIC, _read_manifest_crc(header)) + self.pickle_bytes
 
-    Returns:
-        A :class:`Packed`; ``skeleton, arena = pack(p)`` works.
 
-    Raises:
-        PackError: an unsupported tensor (sparse, quantized, meta, unknown dtype or subclass),
-            an attribute that cannot be pickled, or an object that holds no module; the message
-            names the attribute path.
-
-    Example:
-        >>> skeleton, arena = pack(nn.Linear(4, 2))
-        >>> model = unpack(skeleton, arena)
-    """
+def _plan(pipeline: Any) -> _Plan:
+    """Walks and pickles the pipeline and plans its arena (O(tensors); no weight is read)."""
     modules, names = _walk(pipeline)
     if not modules:
         raise PackError(
@@ -320,7 +319,8 @@ def pack(pipeline: Any, *, nthreads: int = 0) -> Packed:
             storages[sidx] = torch.empty(0, dtype=torch.uint8, device=t.device).set_(st)
         flags = (_zc.TFLAG_PERSISTENT if nm.persistent else 0) | (
             _zc.TFLAG_REQUIRES_GRAD if t.requires_grad else 0)
-        tensors.append((nm.path or "<pipeline>", sidx, code_of(t.dtype), tuple(t.shape),
+        # Storage index + 1: the first storage is the leading guard.
+        tensors.append((nm.path or "<pipeline>", sidx + 1, code_of(t.dtype), tuple(t.shape),
                         tuple(t.stride()), t.storage_offset(), nm.kind, flags))
         tensor_names.append(nm.path)
 
@@ -329,14 +329,45 @@ def pack(pipeline: Any, *, nthreads: int = 0) -> Packed:
     # be write-protected; the guards make sure no tensor byte lies in them.
     real_sizes = [s.numel() for s in storages]
     sizes = [GUARD_BYTES, *real_sizes, GUARD_BYTES]
-    tensors = [(t[0], t[1] + 1, *t[2:]) for t in tensors]
     data_offset, total, offsets = _zc.plan(sizes, tensors)
-    arena = _aligned_empty(total)
-    _zc.write_manifest(arena, sizes, tensors)
-    for i in (0, len(sizes) - 1):
+    return _Plan(buf.getvalue(), sizes, tensors, storages, data_offset, total, offsets,
+                 tensor_names, int(sum(real_sizes)))
+
+
+def pack(pipeline: Any, *, nthreads: int = 0) -> Packed:
+    """Packs a pipeline into a skeleton and an arena.
+
+    The pipeline is any object that holds ``nn.Module`` s (or a bare module). It is not
+    modified. The driver holds one extra copy of the weights (the arena) while packing.
+    Tensors on a GPU are copied to the host. The arena carries the CRC32C of its data region.
+    (The wrappers do not call this: they hand the weights to Ray's object store directly,
+    see :func:`store_parts`.)
+
+    Args:
+        pipeline: the object to pack.
+        nthreads: threads for the gather copy and checksum (0: one per CPU).
+
+    Returns:
+        A :class:`Packed`; ``skeleton, arena = pack(p)`` works.
+
+    Raises:
+        PackError: an unsupported tensor (sparse, quantized, meta, unknown dtype or subclass),
+            an attribute that cannot be pickled, or an object that holds no module; the message
+            names the attribute path.
+
+    Example:
+        >>> skeleton, arena = pack(nn.Linear(4, 2))
+        >>> model = unpack(skeleton, arena)
+    """
+    plan = _plan(pipeline)
+    data_offset, offsets = plan.data_offset, plan.offsets
+    arena = _aligned_empty(plan.total)
+    _zc.write_manifest(arena, plan.sizes, plan.tensors)
+    for i in (0, len(plan.sizes) - 1):
         arena[data_offset + offsets[i]:data_offset + offsets[i] + GUARD_BYTES] = 0
     copies = []
-    for s, off, n in zip(storages, offsets[1:], real_sizes):
+    for s, off in zip(plan.storages, offsets[1:]):
+        n = s.numel()
         if n == 0:
             continue
         if s.device.type == "cpu":
@@ -346,10 +377,123 @@ def pack(pipeline: Any, *, nthreads: int = 0) -> Packed:
             host.copy_(s)
     _zc.gather(arena, copies, nthreads)
     _zc.finalize(arena, nthreads)
+    return Packed(skeleton=plan.skeleton(arena), arena=arena, tensor_names=plan.tensor_names,
+                  weight_bytes=plan.weight_bytes)
 
-    skeleton = _SKELETON_HEADER.pack(SKELETON_MAGIC, _read_manifest_crc(arena)) + buf.getvalue()
-    return Packed(skeleton=skeleton, arena=arena, tensor_names=tensor_names,
-                  weight_bytes=int(sum(real_sizes)))
+
+#: Storages whose 64-byte-aligned body is at least this many bytes go to the object store
+#: straight from the tensor's memory; smaller ones are gathered into staging chunks. Ray places
+#: an out-of-band buffer of 2,048 bytes or more at the next multiple of 64 (smaller ones at the
+#: next multiple of 8), which is what the arena's layout needs.
+DIRECT_MIN = 2048
+
+
+class StoreArena:
+    """An arena as a sequence of buffers that Ray's object store writes back to back.
+
+    Made by :func:`store_parts`. Pickled with protocol 5 and out-of-band buffers (as
+    ``ray.put`` does), every part becomes one ``pickle.PickleBuffer``: Ray copies each into
+    the object once, in order, and the parts together are the arena of docs/format.md, byte
+    for byte, without the driver ever holding a copy of the weights. Unpickled,
+    it becomes one read-only buffer over the whole arena (see :func:`ray_zerocopy.unpack`'s
+    ``_assemble``).
+
+    Attributes:
+        parts: the buffers, in arena order (header and manifest first).
+        offsets: where each part starts in the arena; every part starts and ends at a
+            multiple of 64, and together they cover ``[0, total)`` with no gap.
+        total: bytes in the arena.
+        direct_bytes: bytes handed over straight from the tensors' memory (not staged).
+    """
+
+    __slots__ = ("parts", "offsets", "total", "direct_bytes")
+
+    def __init__(self, parts: list, offsets: list[int], total: int, direct_bytes: int):
+        self.parts = parts
+        self.offsets = offsets
+        self.total = total
+        self.direct_bytes = direct_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.total
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        from .unpack import _assemble
+
+        if protocol < 5:  # no out-of-band buffers: one contiguous copy
+            return _assemble, (None, [b"".join(bytes(memoryview(p)) for p in self.parts)],
+                               [0], self.total)
+        return _assemble, (None, [pickle.PickleBuffer(p) for p in self.parts], self.offsets,
+                           self.total)
+
+
+def store_parts(pipeline: Any, *, nthreads: int = 0) -> tuple[bytes, StoreArena, _Plan]:
+    """Lays a pipeline out for Ray's object store: the skeleton and a :class:`StoreArena`.
+
+    No weight byte is copied by this function except those of small storages (bodies under
+    :data:`DIRECT_MIN` bytes and the last, unaligned, under-64-byte tail of the others),
+    which are gathered into staging chunks; every other byte reaches the store in the one
+    copy ``ray.put`` makes from the tensor's own memory. Tensors on a GPU are copied to the
+    host one storage at a time. The arena's header carries ``FLAG_NO_DATA_CRC``: no pass over
+    the weights is made to checksum them (docs/format.md, "What is checked when").
+
+    Returns:
+        ``(skeleton, store_arena, plan)``.
+
+    Raises:
+        PackError: as :func:`pack`.
+    """
+    plan = _plan(pipeline)
+    header = np.zeros(plan.data_offset, dtype=np.uint8)
+    _zc.write_header(header, plan.sizes, plan.tensors)
+    return plan.skeleton(header), _lay_out(plan, header, nthreads), plan
+
+
+def _lay_out(plan: _Plan, header: np.ndarray, nthreads: int) -> StoreArena:
+    """Splits the arena into parts that start and end at multiples of 64 and tile it."""
+    data_offset = plan.data_offset
+    parts: list = []
+    offsets: list[int] = []
+    direct = 0
+    # The staging chunk being built: starts at pstart, holds (offset, ptr, n, owner) pieces.
+    pstart = 0
+    pieces: list[tuple[int, int, int, Any]] = []
+    keep: list[Any] = []  # host copies of device storages, alive until the put
+
+    def flush(end: int) -> None:
+        if end <= pstart:
+            return
+        chunk = np.zeros(end - pstart, dtype=np.uint8)
+        copies = [(off - pstart, ptr, n) for off, ptr, n, _ in pieces if n]
+        if copies:
+            _zc.gather(chunk, copies, nthreads)
+        parts.append(chunk)
+        offsets.append(pstart)
+
+    pieces.append((0, header.ctypes.data, data_offset, header))
+    sources = [None, *plan.storages, None]
+    for src, off, size in zip(sources, plan.offsets, plan.sizes):
+        a = data_offset + off
+        if src is None or size == 0:  # a guard (zeros) or an empty storage
+            continue
+        if src.device.type != "cpu":
+            src = src.cpu()
+            keep.append(src)
+        body = size - size % 64
+        if body >= DIRECT_MIN:
+            flush(a)
+            arr = src.numpy()
+            parts.append(arr[:body])
+            offsets.append(a)
+            direct += body
+            pstart, pieces = a + body, []
+            if body < size:
+                pieces.append((a + body, src.data_ptr() + body, size - body, src))
+        else:
+            pieces.append((a, src.data_ptr(), size, src))
+    flush(plan.total)
+    return StoreArena(parts, offsets, plan.total, direct)
 
 
 def _read_manifest_crc(arena: np.ndarray) -> int:

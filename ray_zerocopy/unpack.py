@@ -11,6 +11,8 @@ import contextlib
 import gc
 import io
 import pickle
+import threading
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -19,10 +21,49 @@ from torch import nn
 from . import _zc
 from .device import resolve_device, upload
 from .dtypes import torch_dtype
-from .errors import UnpackError
+from .errors import ArenaError, UnpackError, ZeroCopyWarning
 from .pack import _SKELETON_HEADER, SKELETON_MAGIC, _aligned_empty
 
-__all__ = ["unpack", "LoadedArena", "rebuild", "verify_arena"]
+__all__ = ["unpack", "LoadedArena", "rebuild", "verify_arena", "arena_data_crc"]
+
+_layout_warned = threading.Event()
+
+
+def _assemble(_reserved: Any, parts: list, offsets: list[int], total: int) -> Any:
+    """Unpickles a :class:`ray_zerocopy.pack.StoreArena`: one read-only buffer over the arena.
+
+    ``ray.get`` hands the parts back as memoryviews into one object of the store, back to back
+    as the arena's layout needs them: the result is then a span over that shared memory (no
+    copy; O(parts) to check that every part lies exactly where the layout puts it). If they do
+    not (a Ray release that lays out out-of-band buffers differently, or a pickle made without
+    out-of-band buffers), the parts are copied into a private arena, with a
+    :class:`ZeroCopyWarning` the first time in the process.
+    """
+    span = _zc.span(parts, offsets, total)
+    if isinstance(span, _zc.Span):
+        return span
+    if len(parts) > 1 and not _layout_warned.is_set():
+        _layout_warned.set()
+        warnings.warn(
+            f"ray_zerocopy: the arena's {len(parts)} buffers did not come back from the object "
+            f"store back to back ({span}); this process uses a private copy of the weights "
+            "(not shared with other processes). Report this with your Ray version "
+            f"({_ray_version()}).", ZeroCopyWarning, stacklevel=2)
+    copy = _aligned_empty(total)
+    for part, off in zip(parts, offsets):
+        src = memoryview(part).cast("B")
+        if off + len(src) > total:
+            raise ArenaError(f"arena part at offset {off} ({len(src)} bytes) ends past the "
+                             f"arena's {total} bytes")
+        _zc.copy(copy, off, src, 0, len(src))
+    return copy
+
+
+def _ray_version() -> str:
+    import sys
+
+    ray = sys.modules.get("ray")
+    return getattr(ray, "__version__", "unknown")
 
 
 
@@ -200,11 +241,50 @@ def unpack(skeleton: bytes, buffer: Any, *, device: Any = None, fast_load: bool 
                                          protect=protect, writable=writable, nthreads=nthreads))
 
 
-def verify_arena(buffer: Any, nthreads: int = 0) -> None:
-    """Validates an arena and checks the CRC32C of its whole data region (O(bytes)).
+def arena_data_crc(buffer: Any, nthreads: int = 0) -> int:
+    """Validates an arena and returns the CRC32C of its data region as it is now (O(bytes)),
+    whatever its header says.
 
     Raises:
-        ArenaError: the arena is malformed or its data does not match its checksum.
+        ArenaError: the arena's header or manifest is malformed.
     """
-    _zc.parse(buffer)
-    _zc.verify_data(buffer, nthreads)
+    info = _zc.parse(buffer)
+    data = memoryview(buffer).cast("B")[info["data_offset"]:info["total_size"]]
+    return _zc.crc32c_mt(data, nthreads)
+
+
+def verify_arena(buffer: Any, nthreads: int = 0, *, expected_data_crc: int | None = None) -> None:
+    """Validates an arena and checks the CRC32C of its whole data region (O(bytes)).
+
+    An arena made by :func:`ray_zerocopy.pack` (or saved to a file) carries the checksum of its
+    data region. One that the wrappers wrote into Ray's object store does not (its header has
+    ``FLAG_NO_DATA_CRC``: computing it would cost a pass over the weights at wrap time); check
+    it against ``expected_data_crc``, which the wrapper's ``data_crc`` gives.
+
+    Args:
+        buffer: the arena.
+        nthreads: threads for the checksum (0: one per CPU).
+        expected_data_crc: the CRC32C the data region must have; required for an arena without
+            a checksum of its own, and checked in addition to the header's otherwise.
+
+    Raises:
+        ArenaError: the arena is malformed, its data does not match the checksum, or it
+            carries none and no ``expected_data_crc`` was given (code ``ZC_ENODATACRC``).
+    """
+    info = _zc.parse(buffer)
+    if not info["flags"] & _zc.FLAG_NO_DATA_CRC:
+        _zc.verify_data(buffer, nthreads)
+        if expected_data_crc is None or expected_data_crc == info["data_crc"]:
+            return
+        actual = info["data_crc"]
+    elif expected_data_crc is None:
+        _zc.verify_data(buffer, nthreads)  # raises ArenaError(ZC_ENODATACRC)
+        return
+    else:
+        actual = arena_data_crc(buffer, nthreads)
+        if actual == expected_data_crc:
+            return
+    err = ArenaError(f"data region: CRC32C is {actual:#010x}, expected {expected_data_crc:#010x}: "
+                     "the weights differ from the ones that were checksummed")
+    err.code, err.code_name = _zc.ZC_ECHECKSUM, "ZC_ECHECKSUM"
+    raise err

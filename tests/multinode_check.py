@@ -36,7 +36,7 @@ def main() -> int:
             def check(self, w, x):
                 p = w.load()
                 arena = ray.get(w.object_ref)[1]
-                lo, hi = arena.ctypes.data, arena.ctypes.data + arena.nbytes
+                lo, hi = arena.address, arena.address + arena.size
                 inside = all(lo <= t.data_ptr() and t.data_ptr() + t.untyped_storage().nbytes() <= hi
                              for t in p.parameters())
                 with torch.inference_mode():

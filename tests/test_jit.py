@@ -22,7 +22,7 @@ def roundtrip(pipeline, **kw):
 
 
 def inside(t: torch.Tensor, buf) -> bool:
-    lo = buf.ctypes.data
+    lo = buf.address if hasattr(buf, "address") else buf.ctypes.data
     return lo <= t.data_ptr() and t.data_ptr() + t.untyped_storage().nbytes() <= lo + buf.nbytes
 
 

@@ -56,6 +56,12 @@ class Net:
         return self.encoder[0].weight.sum().item()
 
 
+def _packed_data_crc(pipeline) -> int:
+    from ray_zerocopy import _zc
+
+    return _zc.parse(rzc.pack(pipeline).arena)["data_crc"]
+
+
 def _logs_mention(text: str, timeout: float = 10.0) -> bool:
     import ray
 
@@ -87,9 +93,10 @@ def test_write_to_shared_weight_is_stopped_and_named(ray_session, method, tensor
         getattr(wrapped, method)(*args)
     assert _logs_mention(f"write to shared read-only weight '{tensor}"), \
         "the worker's error output does not name the tensor"
-    # The bytes every other worker sees did not change.
+    # The bytes every other worker sees did not change: they are still, byte for byte, the
+    # data region pack() lays out for this pipeline.
     skeleton, arena = ray_session.get(wrapped.object_ref)
-    rzc.verify_arena(arena)
+    rzc.verify_arena(arena, expected_data_crc=_packed_data_crc(net))
     x = torch.randn(2, 512)
     torch.testing.assert_close(wrapped(x), net(x), rtol=1e-6, atol=1e-6)
 
@@ -100,7 +107,7 @@ def test_writable_opt_out_gives_private_copy(ray_session):
     want = (net.encoder[0].weight + 1).sum().item()
     assert abs(w.write_private() - want) < 1e-2
     assert abs(w.write_private() - want) < 1e-2  # the shared copy never changed
-    rzc.verify_arena(ray_session.get(w.object_ref)[1])
+    rzc.verify_arena(ray_session.get(w.object_ref)[1], expected_data_crc=_packed_data_crc(net))
 
 
 def test_protection_lifted_before_release_memory_reused(ray_session):
@@ -111,7 +118,7 @@ def test_protection_lifted_before_release_memory_reused(ray_session):
         def load(self, box):
             p = box[0].load()
             arena = ray_session.get(box[0].object_ref)[1]
-            self.range = (arena.ctypes.data, arena.ctypes.data + arena.nbytes)
+            self.range = (arena.address, arena.address + arena.size)
             return sum(t.numel() for t in p.parameters())
 
         def put_until_reused(self, nbytes, tries):

@@ -134,7 +134,7 @@ def _make_check():
 
         pipeline = _worker.load_pipeline(box[0])
         arena = ray.get(box[0])[1]
-        lo, hi = arena.ctypes.data, arena.ctypes.data + arena.nbytes
+        lo, hi = arena.address, arena.address + arena.size
         ptrs = [(p.data_ptr(), p.untyped_storage().nbytes())
                 for m in (pipeline.encoder, pipeline.decoder) for p in m.parameters()]
         return {"n": len(ptrs), "all_inside": all(lo <= a and a + n <= hi for a, n in ptrs),
@@ -166,7 +166,7 @@ class _Loader:
         import ray
 
         arena = ray.get(self.wrapper.object_ref)[1]
-        lo, hi = arena.ctypes.data, arena.ctypes.data + arena.nbytes
+        lo, hi = arena.address, arena.address + arena.size
         ts = list(self.pipeline.parameters()) + list(self.pipeline.buffers())
         inside = all(lo <= t.data_ptr() and t.data_ptr() + t.untyped_storage().nbytes() <= hi
                      for t in ts)

@@ -340,6 +340,34 @@ cleanup:
     return res;
 }
 
+static PyObject *py_write_header(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"dst", "storage_sizes", "tensors", NULL};
+    PyObject *sizes, *tensors, *res = NULL;
+    Py_buffer dst;
+    layout_input in;
+    zc_plan_t plan;
+    int code;
+
+    memset(&in, 0, sizeof in);
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "w*OO:write_header", kwlist, &dst, &sizes, &tensors)) return NULL;
+    if (layout_plan(sizes, tensors, &in, &plan) < 0) goto cleanup;
+    if ((uint64_t)dst.len < plan.data_offset) {
+        PyErr_Format(PyExc_ValueError, "dst is %zd bytes but the header and manifest need %llu", dst.len,
+                     (unsigned long long)plan.data_offset);
+        goto cleanup;
+    }
+    code = zc_write_header(dst.buf, (size_t)dst.len, &plan, in.sizes, in.offsets, in.descs);
+    if (code) {
+        raise_code(code, "write_header: the plan and its inputs disagree");
+        goto cleanup;
+    }
+    res = Py_NewRef(Py_None);
+cleanup:
+    layout_free(&in);
+    PyBuffer_Release(&dst);
+    return res;
+}
+
 static PyObject *py_gather(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"dst", "copies", "nthreads", NULL};
     PyObject *copies_obj, *seq = NULL, *res = NULL;
@@ -541,6 +569,11 @@ static PyObject *py_verify_data(PyObject *self, PyObject *args, PyObject *kw) {
     if (code) {
         PyBuffer_Release(&view);
         return raise_code(code, msg);
+    }
+    if (info.flags & ZC_FLAG_NO_DATA_CRC) {
+        PyBuffer_Release(&view);
+        return raise_code(ZC_ENODATACRC, "data: the arena carries no data checksum (flag NO_DATA_CRC: it was written "
+                                         "into Ray's object store without one); pass the expected CRC32C instead");
     }
     Py_BEGIN_ALLOW_THREADS
     crc = zc_crc32c_mt((const unsigned char *)view.buf + info.data_offset, (size_t)info.data_size,
@@ -960,6 +993,142 @@ static PyTypeObject MappingType = {
     .tp_new = PyType_GenericNew,
 };
 
+/* ---- Span ---------------------------------------------------------------------- */
+
+/* A read-only buffer over [first part, first part + total): built from parts that lie back to back
+ * in one piece of memory (Ray's object store writes the out-of-band buffers of one object that
+ * way).  It holds a view of every part, so the memory stays alive (and the object pinned) while
+ * the span or anything exported from it lives.  Every byte of the span belongs to one of the
+ * parts: construction fails unless the parts tile [0, total) exactly, at the offsets given. */
+typedef struct SpanObject {
+    PyObject_HEAD
+    Py_buffer *views;
+    Py_ssize_t n_views;
+    char *base;
+    Py_ssize_t size;
+    Py_ssize_t exports;
+} SpanObject;
+
+static PyTypeObject SpanType;
+
+static void span_clear_views(SpanObject *self) {
+    for (Py_ssize_t i = 0; i < self->n_views; i++) PyBuffer_Release(&self->views[i]);
+    PyMem_Free(self->views);
+    self->views = NULL;
+    self->n_views = 0;
+}
+
+static void span_dealloc(SpanObject *self) {
+    span_clear_views(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int span_getbuffer(SpanObject *self, Py_buffer *view, int flags) {
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->base, self->size, 1, flags) < 0) return -1;
+    self->exports++;
+    return 0;
+}
+
+static void span_releasebuffer(SpanObject *self, Py_buffer *view) { self->exports--; }
+
+static PyBufferProcs span_as_buffer = {(getbufferproc)span_getbuffer, (releasebufferproc)span_releasebuffer};
+
+static PyObject *span_get_address(SpanObject *self, void *closure) {
+    return PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)self->base);
+}
+
+static PyObject *span_get_size(SpanObject *self, void *closure) { return PyLong_FromSsize_t(self->size); }
+
+static PyObject *span_get_parts(SpanObject *self, void *closure) { return PyLong_FromSsize_t(self->n_views); }
+
+static PyGetSetDef span_getset[] = {
+    {"address", (getter)span_get_address, NULL, "Start address of the span.", NULL},
+    {"size", (getter)span_get_size, NULL, "Bytes in the span.", NULL},
+    {"nbytes", (getter)span_get_size, NULL, "Bytes in the span (as memoryview.nbytes).", NULL},
+    {"parts", (getter)span_get_parts, NULL, "Number of parts the span was built from.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject SpanType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ray_zerocopy._zc.Span",
+    .tp_basicsize = sizeof(SpanObject),
+    .tp_dealloc = (destructor)span_dealloc,
+    .tp_as_buffer = &span_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A read-only buffer over parts that lie back to back in memory; made by span().",
+    .tp_getset = span_getset,
+};
+
+/* span(parts, offsets, total): returns a Span, or a str saying why the parts are not back to back
+ * (the caller falls back to a copy).  Malformed arguments raise. */
+static PyObject *py_span(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"parts", "offsets", "total", NULL};
+    PyObject *parts_obj, *offsets_obj, *parts = NULL, *offsets = NULL, *res = NULL;
+    unsigned long long total, expect = 0;
+    SpanObject *span = NULL;
+    Py_ssize_t n;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOK:span", kwlist, &parts_obj, &offsets_obj, &total)) return NULL;
+    parts = PySequence_Fast(parts_obj, "parts must be a sequence of buffers");
+    if (!parts) goto cleanup;
+    offsets = PySequence_Fast(offsets_obj, "offsets must be a sequence of ints");
+    if (!offsets) goto cleanup;
+    n = PySequence_Fast_GET_SIZE(parts);
+    if (n == 0 || n != PySequence_Fast_GET_SIZE(offsets)) {
+        PyErr_Format(PyExc_ValueError, "span: %zd parts and %zd offsets (need the same number, at least one)", n,
+                     PySequence_Fast_GET_SIZE(offsets));
+        goto cleanup;
+    }
+    if (total > (unsigned long long)PY_SSIZE_T_MAX) {
+        PyErr_SetString(PyExc_ValueError, "span: total is too large");
+        goto cleanup;
+    }
+    span = PyObject_New(SpanObject, &SpanType);
+    if (!span) goto cleanup;
+    span->views = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
+    span->n_views = 0;
+    span->exports = 0;
+    span->size = (Py_ssize_t)total;
+    if (!span->views) {
+        PyErr_NoMemory();
+        goto cleanup;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_buffer *v = &span->views[i];
+        uint64_t off;
+        if (to_u64(PySequence_Fast_GET_ITEM(offsets, i), "offset", &off) < 0) goto cleanup;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(parts, i), v, PyBUF_C_CONTIGUOUS) < 0) goto cleanup;
+        span->n_views++;
+        if (i == 0) span->base = (char *)v->buf;
+        if (off != expect || v->len <= 0 || off + (uint64_t)v->len > total) {
+            res = PyUnicode_FromFormat("part %zd: offset %llu, %zd bytes; expected offset %llu inside %llu bytes", i,
+                                       (unsigned long long)off, v->len, expect, total);
+            goto cleanup;
+        }
+        if ((char *)v->buf != span->base + off) {
+            res = PyUnicode_FromFormat("part %zd (offset %llu, %zd bytes) lies %lld bytes from where the layout "
+                                       "puts it", i, (unsigned long long)off, v->len,
+                                       (long long)((char *)v->buf - (span->base + off)));
+            goto cleanup;
+        }
+        expect = off + (uint64_t)v->len;
+    }
+    if (expect != total) {
+        res = PyUnicode_FromFormat("the parts end at %llu, not at %llu", expect, total);
+        goto cleanup;
+    }
+    res = (PyObject *)span;
+    span = NULL;
+cleanup:
+    if (span) {
+        span_clear_views(span);
+        Py_DECREF(span);
+    }
+    Py_XDECREF(parts);
+    Py_XDECREF(offsets);
+    return res;
+}
+
 /* ---- module ------------------------------------------------------------------- */
 
 #define KWFN(f) (PyCFunction)(void (*)(void))(f)
@@ -972,6 +1141,12 @@ static PyMethodDef module_methods[] = {
      "the offsets relative to the data region."},
     {"write_manifest", KWFN(py_write_manifest), METH_VARARGS | METH_KEYWORDS,
      "write_manifest(dst, storage_sizes, tensors)\n--\n\nWrites the header and manifest into dst."},
+    {"write_header", KWFN(py_write_header), METH_VARARGS | METH_KEYWORDS,
+     "write_header(dst, storage_sizes, tensors)\n--\n\nWrites the first data_offset bytes of an arena whose data "
+     "region is written elsewhere (flag NO_DATA_CRC)."},
+    {"span", KWFN(py_span), METH_VARARGS | METH_KEYWORDS,
+     "span(parts, offsets, total)\n--\n\nA read-only Span over parts lying back to back at the given offsets, or "
+     "a str saying why they do not."},
     {"gather", KWFN(py_gather), METH_VARARGS | METH_KEYWORDS,
      "gather(dst, copies, nthreads=0)\n--\n\nCopies (dst_offset, src_ptr, nbytes) triples into dst on threads."},
     {"finalize", KWFN(py_finalize), METH_VARARGS | METH_KEYWORDS,
@@ -1021,7 +1196,7 @@ static int add_int(PyObject *m, const char *name, long v) { return PyModule_AddI
 PyMODINIT_FUNC PyInit__zc(void) {
     PyObject *m = NULL, *codes = NULL, *bases = NULL;
 
-    if (PyType_Ready(&MappingType) < 0) return NULL;
+    if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&SpanType) < 0) return NULL;
     m = PyModule_Create(&zc_module);
     if (!m) return NULL;
 
@@ -1042,7 +1217,8 @@ PyMODINIT_FUNC PyInit__zc(void) {
     }
     if (PyModule_AddObjectRef(m, "ZeroCopyError", ZeroCopyError) < 0 ||
         PyModule_AddObjectRef(m, "ArenaError", ArenaError) < 0 ||
-        PyModule_AddObjectRef(m, "Mapping", (PyObject *)&MappingType) < 0)
+        PyModule_AddObjectRef(m, "Mapping", (PyObject *)&MappingType) < 0 ||
+        PyModule_AddObjectRef(m, "Span", (PyObject *)&SpanType) < 0)
         goto fail;
 
     if (add_int(m, "FORMAT_VERSION", ZC_FORMAT_VERSION) < 0 || add_int(m, "HEADER_SIZE", ZC_HEADER_SIZE) < 0 ||
@@ -1050,7 +1226,8 @@ PyMODINIT_FUNC PyInit__zc(void) {
         add_int(m, "MAX_NDIM", ZC_MAX_NDIM) < 0 || add_int(m, "MAX_NAME", ZC_MAX_NAME) < 0 ||
         add_int(m, "KIND_PARAMETER", ZC_KIND_PARAMETER) < 0 || add_int(m, "KIND_BUFFER", ZC_KIND_BUFFER) < 0 ||
         add_int(m, "KIND_OTHER", ZC_KIND_OTHER) < 0 || add_int(m, "TFLAG_PERSISTENT", ZC_TFLAG_PERSISTENT) < 0 ||
-        add_int(m, "TFLAG_REQUIRES_GRAD", ZC_TFLAG_REQUIRES_GRAD) < 0)
+        add_int(m, "TFLAG_REQUIRES_GRAD", ZC_TFLAG_REQUIRES_GRAD) < 0 ||
+        add_int(m, "FLAG_NO_DATA_CRC", ZC_FLAG_NO_DATA_CRC) < 0)
         goto fail;
     {
         static const struct {
@@ -1059,7 +1236,8 @@ PyMODINIT_FUNC PyInit__zc(void) {
         } errs[] = {{"ZC_EINVAL", ZC_EINVAL},       {"ZC_ETRUNCATED", ZC_ETRUNCATED}, {"ZC_EMAGIC", ZC_EMAGIC},
                     {"ZC_EVERSION", ZC_EVERSION},   {"ZC_EHEADER", ZC_EHEADER},       {"ZC_EMANIFEST", ZC_EMANIFEST},
                     {"ZC_ESTORAGE", ZC_ESTORAGE},   {"ZC_ETENSOR", ZC_ETENSOR},       {"ZC_ECHECKSUM", ZC_ECHECKSUM},
-                    {"ZC_EOVERFLOW", ZC_EOVERFLOW}, {"ZC_ENOMEM", ZC_ENOMEM},         {"ZC_ETOOBIG", ZC_ETOOBIG}};
+                    {"ZC_EOVERFLOW", ZC_EOVERFLOW}, {"ZC_ENOMEM", ZC_ENOMEM},         {"ZC_ETOOBIG", ZC_ETOOBIG},
+                    {"ZC_ENODATACRC", ZC_ENODATACRC}};
         for (size_t i = 0; i < sizeof errs / sizeof errs[0]; i++)
             if (add_int(m, errs[i].name, errs[i].code) < 0) goto fail;
     }

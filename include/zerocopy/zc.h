@@ -48,6 +48,11 @@ enum { ZC_KIND_PARAMETER = 0, ZC_KIND_BUFFER = 1, ZC_KIND_OTHER = 2 };
 #define ZC_TFLAG_REQUIRES_GRAD 0x02u /* requires_grad of the original tensor. */
 #define ZC_TFLAG_MASK 0x03u
 
+/* Header flags (header offset 12). */
+#define ZC_FLAG_NO_DATA_CRC 0x01u    /* No data checksum was computed when the arena was written:
+                                      * data_crc is 0 and zc_verify_data() returns ZC_ENODATACRC. */
+#define ZC_FLAG_MASK 0x01u
+
 /* dtype codes (tensor entry byte 12).  The element size of each is fixed. */
 enum {
     ZC_DT_BOOL = 1,
@@ -92,6 +97,7 @@ enum {
     ZC_EOVERFLOW = -1009,  /* A size computation overflows 64 bits. */
     ZC_ENOMEM = -1010,     /* Allocation failed. */
     ZC_ETOOBIG = -1011,    /* A count or size exceeds a format limit. */
+    ZC_ENODATACRC = -1012, /* The arena carries no data checksum (ZC_FLAG_NO_DATA_CRC). */
     ZC_ECODE_MIN_ = -1011
 };
 
@@ -167,6 +173,16 @@ ZC_API int zc_write_manifest(void *dst, size_t dst_cap, const zc_plan_t *plan,
                              const uint64_t *storage_sizes, const uint64_t *storage_offsets,
                              const zc_tensor_desc *tensors);
 
+/* Writes the first plan->data_offset bytes of a planned arena into dst (dst_cap >=
+ * plan->data_offset): header, manifest and the zero padding up to the data region, complete
+ * and final, for an arena whose data region is written by someone else (Ray's object store
+ * copies it from the tensors).  The header carries ZC_FLAG_NO_DATA_CRC and a data_crc of 0;
+ * the manifest and header CRCs are written.  Nothing past data_offset is touched.
+ * Returns 0 or ZC_EINVAL. */
+ZC_API int zc_write_header(void *dst, size_t dst_cap, const zc_plan_t *plan,
+                           const uint64_t *storage_sizes, const uint64_t *storage_offsets,
+                           const zc_tensor_desc *tensors);
+
 /* One copy of a gather: n bytes from src to dst. */
 typedef struct zc_copy {
     void *dst;
@@ -234,7 +250,8 @@ ZC_API int zc_get_storage(const void *buf, size_t size, uint32_t i, zc_storage_i
 ZC_API int zc_get_tensor(const void *buf, size_t size, uint32_t i, zc_tensor_info *out);
 
 /* Recomputes the data region's CRC32C (nthreads as in zc_gather) and compares it with the
- * header.  Returns 0, ZC_ECHECKSUM, or a validation error. */
+ * header.  Returns 0, ZC_ECHECKSUM, ZC_ENODATACRC (the header has ZC_FLAG_NO_DATA_CRC: there is
+ * nothing to compare with), or a validation error. */
 ZC_API int zc_verify_data(const void *buf, size_t size, int nthreads);
 
 /* ---- memory management of a mapping ------------------------------------ */
@@ -277,6 +294,54 @@ ZC_API int zc_install_fault_handler(void);
  * addr, or "" if addr is protected but in no tensor's range.  Async-signal-safe lookups back it.
  * Returns 1 if addr is in a protected range, 0 otherwise. */
 ZC_API int zc_describe_address(uintptr_t addr, char *msg, size_t msg_cap);
+
+/* ---- persistent thread pool and chunked copies (pool.c) ----------------- */
+
+/* Largest number of threads a pool may have. */
+#define ZC_POOL_MAX_THREADS 64
+
+/* A fixed set of threads that run the parts of one job at a time (opaque). */
+typedef struct zc_pool zc_pool;
+
+/* Creates a pool of nthreads participants (nthreads <= 0: one per online CPU; at most
+ * ZC_POOL_MAX_THREADS): the thread calling zc_pool_run is one of them, so nthreads - 1 worker
+ * threads are started, once.  An idle worker polls for new work for spin_us microseconds
+ * (0 to 1,000,000; 0: it sleeps at once) before it sleeps.  On success stores the pool in *out
+ * and returns 0; otherwise returns ZC_EINVAL, ZC_ENOMEM or -errno of a failed thread start
+ * (the threads already started are stopped) and stores NULL. */
+ZC_API int zc_pool_create(int nthreads, int spin_us, zc_pool **out);
+
+/* Stops and joins the workers and frees the pool (NULL is accepted).  No run may be in progress.
+ * In a child process after fork(), which has none of the workers, only the memory is freed. */
+ZC_API void zc_pool_destroy(zc_pool *pool);
+
+/* Returns the number of participants of a pool (1 for NULL). */
+ZC_API int zc_pool_size(const zc_pool *pool);
+
+/* Runs fn(arg, part) for every part in [0, nparts) on the pool's threads and the calling thread,
+ * and returns when every part has finished.  Parts are claimed one at a time, so nparts may
+ * exceed the pool's size.  Runs from several threads on one pool take turns.  The parts run on
+ * the calling thread alone, in order, when pool is NULL, when called from inside a part of the
+ * same pool (no deadlock), and in a child process after fork().  Returns 0, or ZC_EINVAL if fn
+ * is NULL. */
+ZC_API int zc_pool_run(zc_pool *pool, int nparts, void (*fn)(void *arg, int part), void *arg);
+
+/* Store modes of zc_pool_copy. */
+enum {
+    ZC_COPY_PLAIN = 0, /* memcpy. */
+    ZC_COPY_NT = 1,    /* Non-temporal (streaming) stores where compiled in, else memcpy. */
+    ZC_COPY_AUTO = 2   /* Non-temporal stores for parts of at least 256 KiB, memcpy for others. */
+};
+
+/* Returns 1 if non-temporal stores are compiled in (x86-64), 0 if ZC_COPY_NT means memcpy. */
+ZC_API int zc_nt_stores_available(void);
+
+/* Copies n bytes from src to dst on the pool (NULL: on the calling thread), split into up to
+ * nparts parts (nparts <= 0: the pool's size; never parts under 64 KiB) whose boundaries lie
+ * on 64-byte lines of dst, so no two threads write one cache line.  mode is a ZC_COPY_* value.
+ * No alignment is required.  Returns 0, or ZC_EINVAL for a NULL pointer with n > 0, an unknown
+ * mode, a range that wraps around, or overlapping regions. */
+ZC_API int zc_pool_copy(zc_pool *pool, void *dst, const void *src, size_t n, int nparts, int mode);
 
 #ifdef __cplusplus
 }
