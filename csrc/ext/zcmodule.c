@@ -1193,6 +1193,9 @@ static PyObject *new_exception(const char *name, const char *doc, PyObject *base
 
 static int add_int(PyObject *m, const char *name, long v) { return PyModule_AddIntConstant(m, name, v); }
 
+/* The Pool type and its constants (zcpool.c). */
+int zc__ext_pool_init(PyObject *m);
+
 PyMODINIT_FUNC PyInit__zc(void) {
     PyObject *m = NULL, *codes = NULL, *bases = NULL;
 
@@ -1252,6 +1255,10 @@ PyMODINIT_FUNC PyInit__zc(void) {
     }
     if (PyModule_AddObjectRef(m, "DTYPE_CODES", codes) < 0) goto fail;
     Py_DECREF(codes);
+    if (zc__ext_pool_init(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 fail:
     Py_XDECREF(codes);
