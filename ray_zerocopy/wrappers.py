@@ -124,9 +124,15 @@ def _check_device_for_ray(device: Any, ray_options: dict) -> tuple[str | None, d
 
 @ray.remote
 def _run_method(_zc_spec: tuple, *args: Any, **kwargs: Any) -> Any:
-    box, method, device, fast_load, writable = _zc_spec
-    pipeline = _worker.load_pipeline(box[0], device=device, fast_load=fast_load,
-                                     writable=writable)
+    box, method, device, fast_load, writable = _zc_spec[:5]
+    share = _zc_spec[5] if len(_zc_spec) > 5 else None
+    if share is not None:  # share_device_copy=True: views into this GPU's one copy
+        from .device_share import load_shared
+
+        pipeline = load_shared(share, device)
+    else:
+        pipeline = _worker.load_pipeline(box[0], device=device, fast_load=fast_load,
+                                         writable=writable)
     return getattr(pipeline, method)(*args, **kwargs)
 
 
@@ -155,7 +161,8 @@ class _RemoteMethod:
     def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:
         """Starts the call in a Ray task and returns its ObjectRef at once."""
         w = self._wrapper
-        spec = ([w._shared.ref], self._name, w._task_device, w.use_fast_load, w._writable)
+        spec = ([w._shared.ref], self._name, w._task_device, w.use_fast_load, w._writable,
+                w._device_share)
         fn = _run_method.options(**w._ray_options) if w._ray_options else _run_method
         try:
             return fn.remote(spec, *args, **kwargs)
@@ -211,6 +218,9 @@ class TaskWrapper(_Handle):
             GPU: copy through pinned staging buffers at PCIe speed.
         writable: give each task a private, writable copy of the weights (default: shared and
             read-only; a stray in-place write is stopped with an error naming the tensor).
+        share_device_copy: with ``device="cuda"``: one copy of the weights per GPU, made by a
+            holder actor and opened by every task on that GPU (CUDA IPC), instead of one copy
+            per task; pass ``num_gpus=0.25`` etc. so tasks share GPUs (docs/device.md).
         **ray_options: passed to the task (``num_cpus``, ``num_gpus``, ``memory``,
             ``max_retries``, ...).
 
@@ -226,14 +236,19 @@ class TaskWrapper(_Handle):
     """
 
     def __init__(self, pipeline: Any, device: Any = None, use_fast_load: bool = False,
-                 writable: bool = False, **ray_options: Any):
+                 writable: bool = False, share_device_copy: bool = False, **ray_options: Any):
+        from .device_share import make_share
+
         self.device = device
         self.use_fast_load = bool(use_fast_load)
         self._writable = bool(writable)
+        self._device_share = None
         if not ray.is_initialized():
             ray.init()
         self._task_device, self._ray_options = _check_device_for_ray(device, ray_options)
+        make_share(None, device, share_device_copy, writable)  # checks before packing
         self._shared = _Shared.put(pipeline)
+        self._device_share = make_share(self._shared.ref, device, share_device_copy, writable)
 
     def __getattr__(self, name: str) -> _RemoteMethod:
         if name.startswith("__") or name == "_shared":
@@ -284,6 +299,9 @@ class ActorWrapper(_Handle):
         use_fast_load: CPU: prefault the weights' page tables during load, so the first
             inference pays no page faults; GPU: copy through pinned staging buffers.
         writable: load private, writable copies instead of read-only shared views.
+        share_device_copy: with ``device="cuda"``: one copy of the weights per GPU, made by a
+            holder actor on the first load there and opened by every later load on that GPU
+            (CUDA IPC), instead of one copy per actor (docs/device.md).
 
     Example:
         >>> wrapper = ActorWrapper(pipeline)
@@ -297,13 +315,17 @@ class ActorWrapper(_Handle):
     """
 
     def __init__(self, pipeline: Any, device: Any = None, use_fast_load: bool = False,
-                 writable: bool = False):
+                 writable: bool = False, share_device_copy: bool = False):
+        from .device_share import make_share
+
         if device is not None:
             parse_device(device)
         self.device = device
         self.use_fast_load = bool(use_fast_load)
         self.writable = bool(writable)
+        make_share(None, device, share_device_copy, writable)  # checks before packing
         self._shared = _Shared.put(pipeline)
+        self._device_share = make_share(self._shared.ref, device, share_device_copy, writable)
         self.load_seconds: float | None = None
 
     def load(self, device: Any = "default", use_fast_load: bool | None = None) -> Any:
@@ -320,8 +342,14 @@ class ActorWrapper(_Handle):
         dev = self.device if device == "default" else device
         fast = self.use_fast_load if use_fast_load is None else use_fast_load
         t0 = time.perf_counter()
-        pipeline = _worker.load_pipeline(self._shared.ref, device=dev, fast_load=fast,
-                                         writable=self.writable, cache=False)
+        share = getattr(self, "_device_share", None)
+        if share is not None and share.applies_to(dev):
+            from .device_share import load_shared
+
+            pipeline = load_shared(share, dev)
+        else:
+            pipeline = _worker.load_pipeline(self._shared.ref, device=dev, fast_load=fast,
+                                             writable=self.writable, cache=False)
         self.load_seconds = time.perf_counter() - t0
         return pipeline
 
@@ -381,7 +409,9 @@ class ModelWrapper(_Handle):
     """
 
     def __init__(self, shared: _Shared, mode: str, model_attr_names: list[str] | None,
-                 method_names: tuple[str, ...], is_module: bool, use_fast_load: bool = False):
+                 method_names: tuple[str, ...], is_module: bool, use_fast_load: bool = False,
+                 device_share: Any = None):
+        self._device_share = device_share
         self._shared = shared
         self._mode = mode
         self._model_attr_names = model_attr_names
@@ -392,7 +422,8 @@ class ModelWrapper(_Handle):
     @classmethod
     def from_model(cls, model_or_pipeline: Any, mode: Literal["task", "actor"] = "actor",
                    model_attr_names: list[str] | None = None,
-                   method_names: tuple[str, ...] | None = None) -> "ModelWrapper":
+                   method_names: tuple[str, ...] | None = None,
+                   share_device_copy: bool = False) -> "ModelWrapper":
         """Packs a model or pipeline into the object store.
 
         Args:
@@ -403,6 +434,8 @@ class ModelWrapper(_Handle):
                 shared either way.
             method_names: task mode: the model methods that run remotely (default
                 ``("__call__",)``).
+            share_device_copy: loads with ``device="cuda"`` open one copy per GPU, made by a
+                holder actor, instead of one copy per process (docs/device.md).
 
         Raises:
             ValueError: unknown mode, or a model_attr_names entry that holds no module.
@@ -416,8 +449,14 @@ class ModelWrapper(_Handle):
                     raise ValueError(f"model_attr_names: attribute {name!r} of "
                                      f"{type(model_or_pipeline).__qualname__} holds no nn.Module")
         shared = _Shared.put(model_or_pipeline)
+        share = None
+        if share_device_copy:
+            from .device_share import make_share
+
+            share = make_share(shared.ref, "cuda", True, False)
         return cls(shared, mode, list(model_attr_names) if model_attr_names else None,
-                   tuple(method_names) if method_names else ("__call__",), is_module)
+                   tuple(method_names) if method_names else ("__call__",), is_module,
+                   device_share=share)
 
     @classmethod
     def for_tasks(cls, model_or_pipeline: Any, method_names: tuple[str, ...] | None = None) -> Any:
@@ -438,6 +477,11 @@ class ModelWrapper(_Handle):
 
     def to_pipeline(self, device: Any = None, use_fast_load: bool = False) -> Any:
         """The pipeline with its weights mapped from the object store (any mode)."""
+        share = getattr(self, "_device_share", None)
+        if share is not None and share.applies_to(device):
+            from .device_share import load_shared
+
+            return load_shared(share, device)
         return _worker.load_pipeline(self._shared.ref, device=device,
                                      fast_load=use_fast_load or self._use_fast_load, cache=False)
 
