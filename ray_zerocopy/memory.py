@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["pss", "uss", "rss", "ray_node_pids", "node_pss"]
+__all__ = ["pss", "uss", "rss", "ray_node_pids", "node_pss", "object_store_bytes"]
 
 
 def _rollup(pid: int) -> dict[str, int]:
@@ -70,3 +70,19 @@ def ray_node_pids(include_self: bool = True) -> list[int]:
 def node_pss(include_self: bool = True) -> int:
     """PSS summed over the node's Ray processes (and this one), in bytes."""
     return sum(pss(p) for p in ray_node_pids(include_self))
+
+
+def object_store_bytes() -> int:
+    """Bytes in use in the connected Ray cluster's object store, as Ray counts them.
+
+    The figure ``ray memory --stats-only`` prints, read through Ray's internal API (there is no
+    public one without the dashboard); needs ``ray.init()`` first. It drops when an object is
+    freed, which PSS need not show: the store keeps its pages mapped for reuse.
+    """
+    import ray
+    from ray._private import internal_api
+
+    node = ray._private.worker._global_node
+    address = node.gcs_address if node is not None else ray.get_runtime_context().gcs_address
+    state = internal_api.get_state_from_address(address)
+    return int(internal_api.get_memory_info_reply(state).store_stats.object_store_bytes_used)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Literal
 import ray
 from torch import nn
 
-from . import _worker
+from . import _oob, _worker
 from .device import parse_device
 from .errors import DeviceError, PackError, WrapperError
 from .pack import find_modules, pack
@@ -84,11 +84,17 @@ class _Shared:
                    packed.weight_bytes, len(packed.tensor_names), seconds)
 
     def __getstate__(self):
-        return {k: getattr(self, k) for k in self.__slots__}
+        state = {k: getattr(self, k) for k in self.__slots__}
+        state["ref"] = _oob.pickle_ref(self, self.ref)  # Ray Serve pickles out of band
+        return state
 
     def __setstate__(self, state):
         for k, v in state.items():
             setattr(self, k, v)
+        self.ref = _oob.unpickle_ref(self.ref)
+
+    def __del__(self):
+        _oob.release(self)
 
 
 def _local_store_capacity() -> int:
