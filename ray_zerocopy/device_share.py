@@ -202,9 +202,11 @@ class _Holder:
         return True
 
     def stats(self) -> dict:
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         return {"pid": os.getpid(), "physical_id": self.physical_id, "nbytes": self.nbytes,
                 "upload_seconds": self.upload_seconds,
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "cuda_allocated": torch.cuda.memory_allocated() if cuda else 0}
 
 
 class _Registry:
