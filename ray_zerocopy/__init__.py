@@ -20,6 +20,7 @@ from .errors import (
     UnpackError,
     WrapperError,
     ZeroCopyError,
+    ZeroCopyWarning,
 )
 from .pack import Packed, find_modules, pack
 from .unpack import LoadedArena, rebuild, unpack, verify_arena
@@ -48,6 +49,7 @@ __all__ = [
     "WrapperError",
     "DeviceError",
     "OwnerDiedError",
+    "ZeroCopyWarning",
 ]
 
 _RAY_NAMES = {"TaskWrapper": "wrappers", "ActorWrapper": "wrappers", "ModelWrapper": "wrappers",
