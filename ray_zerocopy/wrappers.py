@@ -17,7 +17,8 @@ from torch import nn
 from . import _oob, _worker
 from .device import parse_device
 from .errors import DeviceError, PackError, WrapperError
-from .pack import find_modules, pack
+from .pack import find_modules, store_parts
+from .unpack import arena_data_crc, verify_arena
 
 __all__ = ["TaskWrapper", "ActorWrapper", "ModelWrapper", "public_methods"]
 
@@ -49,39 +50,52 @@ class _Shared:
     pipeline. Pickles to the ref plus metadata, never weights.
     """
 
-    __slots__ = ("ref", "cls_name", "methods", "nbytes", "n_tensors", "wrap_seconds")
+    __slots__ = ("ref", "cls_name", "methods", "nbytes", "n_tensors", "wrap_seconds", "data_crc",
+                 "owner_pid")
 
-    def __init__(self, ref, cls_name, methods, nbytes, n_tensors, wrap_seconds):
+    def __init__(self, ref, cls_name, methods, nbytes, n_tensors, wrap_seconds, data_crc=None):
         self.ref = ref
         self.cls_name = cls_name
         self.methods = methods
         self.nbytes = nbytes
         self.n_tensors = n_tensors
         self.wrap_seconds = wrap_seconds
+        self.data_crc = data_crc
+        self.owner_pid = _worker_id()
 
     @classmethod
     def put(cls, pipeline: Any) -> "_Shared":
+        """Lays the pipeline out as an arena and puts it into the object store in one copy:
+        Ray writes each weight byte once, straight from the tensor's memory (see
+        ``pack.store_parts``)."""
         if not ray.is_initialized():
             ray.init()
         t0 = time.perf_counter()
-        packed = pack(pipeline)
+        skeleton, arena, plan = store_parts(pipeline)
+        name = type(pipeline).__qualname__
         capacity = _local_store_capacity()
-        if capacity and packed.arena.nbytes > capacity:
+        if capacity and arena.total > capacity:
             raise PackError(
-                f"{type(pipeline).__qualname__}: the packed weights "
-                f"({packed.arena.nbytes / 2**20:,.1f} MiB) are larger than this node's Ray object "
-                f"store ({capacity / 2**20:,.1f} MiB); start Ray with a larger "
+                f"{name}: the packed weights ({arena.total / 2**20:,.1f} MiB) are larger than this "
+                f"node's Ray object store ({capacity / 2**20:,.1f} MiB); start Ray with a larger "
                 "object_store_memory (ray.init(object_store_memory=...)) or use a smaller model")
         try:
-            ref = ray.put((packed.skeleton, packed.arena))
+            ref = ray.put((skeleton, arena))
         except ray.exceptions.ObjectStoreFullError as exc:
             raise PackError(
-                f"{type(pipeline).__qualname__}: the packed weights ({packed.arena.nbytes / 2**20:.1f} "
-                "MiB) do not fit in Ray's object store; start Ray with a larger "
-                "object_store_memory or use a smaller model") from exc
+                f"{name}: the packed weights ({arena.total / 2**20:.1f} MiB) do not fit in Ray's "
+                "object store; start Ray with a larger object_store_memory or use a smaller "
+                "model") from exc
         seconds = time.perf_counter() - t0
-        return cls(ref, type(pipeline).__qualname__, frozenset(public_methods(pipeline)),
-                   packed.weight_bytes, len(packed.tensor_names), seconds)
+        return cls(ref, name, frozenset(public_methods(pipeline)), plan.weight_bytes,
+                   len(plan.tensor_names), seconds)
+
+    def checksum(self) -> int:
+        """The CRC32C of the data region of the arena in the store (computed once, O(bytes))."""
+        if self.data_crc is None:
+            _, arena = _worker.fetch(self.ref)
+            self.data_crc = arena_data_crc(arena)
+        return self.data_crc
 
     def __getstate__(self):
         state = {k: getattr(self, k) for k in self.__slots__}
@@ -95,6 +109,11 @@ class _Shared:
 
     def __del__(self):
         _oob.release(self)
+
+
+def _worker_id() -> str:
+    """Ray's id of this process (unique across the cluster), or "" outside Ray."""
+    return ray.get_runtime_context().get_worker_id() if ray.is_initialized() else ""
 
 
 def _local_store_capacity() -> int:
@@ -203,6 +222,41 @@ class _Handle:
     def wrap_seconds(self) -> float:
         """Seconds spent packing and putting the pipeline."""
         return self._shared.wrap_seconds
+
+    @property
+    def data_crc(self) -> int:
+        """The CRC32C of the weights as they are in the object store.
+
+        Wrapping does not checksum the weights (that would cost a pass over every byte on the
+        critical path; docs/format.md, "What is checked when"). The first access computes it
+        from the store's copy (O(bytes), multi-threaded) and keeps it: a handle pickled after
+        that (an ``ActorWrapper`` sent to actors) carries it, and :meth:`verify` there checks
+        the worker's mapping against it.
+        """
+        return self._shared.checksum()
+
+    def verify(self) -> None:
+        """Checks the weights this process maps from the object store against :attr:`data_crc`
+        (O(bytes)).
+
+        In the wrapping process, the first call computes :attr:`data_crc`. In a worker, the
+        handle must carry it (read :attr:`data_crc` in the driver before sending the handle).
+
+        Raises:
+            ArenaError: the bytes differ from the checksum (``ZC_ECHECKSUM``), or the arena
+                is malformed.
+            WrapperError: this handle carries no checksum (computed after it was pickled).
+        """
+        _, arena = _worker.fetch(self._shared.ref)
+        crc = self._shared.data_crc
+        if crc is None:
+            if self._shared.owner_pid == _worker_id():
+                crc = self._shared.checksum()
+            else:
+                raise WrapperError(
+                    "this handle carries no checksum of the weights: read wrapper.data_crc in "
+                    "the process that wrapped the pipeline before sending the wrapper here")
+        verify_arena(arena, expected_data_crc=crc)
 
 
 class TaskWrapper(_Handle):
