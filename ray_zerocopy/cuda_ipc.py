@@ -9,8 +9,8 @@ Lifetime: the holder must outlive its consumers (CUDA IPC memory is owned by the
 process); when the holder drops its :class:`DeviceCopy`, the device memory is freed once the
 consumers have closed it.
 
-This module needs no Ray. The Ray integration (a holder actor per GPU) is not built yet:
-see docs/device.md.
+This module needs no Ray. The Ray integration (a holder actor per wrapper and GPU, opted into
+with ``share_device_copy=True``) is :mod:`ray_zerocopy.device_share`; see docs/device.md.
 """
 
 from __future__ import annotations
