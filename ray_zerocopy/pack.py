@@ -83,28 +83,57 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+_ATOMIC_TYPES = frozenset(_ATOMIC) | {bool}
+_CONTAINER_TYPES = (dict, list, tuple, set, frozenset)
+_MODULE_SLOTS = frozenset(("_parameters", "_buffers", "_modules"))
+
+
+def _path(parent: str, key: Any, style: int) -> str:
+    if style == 0:
+        return f"{parent}.{key}" if parent else key
+    if style == 1:
+        return f"{parent}[{key}]"
+    if style == 2:
+        return f"{parent}[{key!r}]"
+    return f"{parent}{{}}"
+
+
 def _walk(root: Any) -> tuple[list[tuple[str, nn.Module]], dict[int, _TensorName]]:
-    """Finds every module and tensor reachable from root, with its first attribute path."""
+    """Finds every module and tensor reachable from root, with its first attribute path.
+
+    Depth-first, children in attribute order. Values that cannot hold a module or tensor
+    (numbers, strings, empty containers, ...) are dropped before they are pushed, and paths
+    are made only for what is visited: a module holds a dozen hook dicts, mostly empty.
+    """
     modules: list[tuple[str, nn.Module]] = []
     names: dict[int, _TensorName] = {}
     seen: set[int] = set()
-    stack: list[tuple[Any, str]] = [(root, "")]
+    # (value, parent path, key, path style): 0 attribute, 1 index, 2 dict key, 3 set member.
+    stack: list[tuple[Any, str, Any, int]] = [(root, "", "", 0)]
+    atomic, containers, tensor_t, module_t = _ATOMIC_TYPES, _CONTAINER_TYPES, torch.Tensor, nn.Module
 
     def record(t: Any, path: str, kind: int, persistent: bool) -> None:
         prev = names.get(id(t))
         if prev is None or (prev.kind == _zc.KIND_OTHER and kind != _zc.KIND_OTHER):
             names[id(t)] = _TensorName(path, kind, persistent)
 
+    def keep(v: Any) -> bool:
+        tv = type(v)
+        if tv in atomic:
+            return False
+        return not (tv in containers and not v)
+
     while stack:
-        obj, path = stack.pop()
-        if isinstance(obj, torch.Tensor):
-            record(obj, path, _zc.KIND_OTHER, False)
+        obj, parent, key, style = stack.pop()
+        if isinstance(obj, tensor_t):
+            record(obj, _path(parent, key, style), _zc.KIND_OTHER, False)
             continue
         if isinstance(obj, _ATOMIC) or id(obj) in seen:
             continue
         seen.add(id(obj))
-        children: list[tuple[Any, str]] = []
-        if isinstance(obj, nn.Module):
+        path = _path(parent, key, style)
+        children: list[tuple[Any, str, Any, int]]
+        if isinstance(obj, module_t):
             modules.append((path, obj))
             for n, p in obj._parameters.items():
                 if p is not None:
@@ -113,25 +142,23 @@ def _walk(root: Any) -> tuple[list[tuple[str, nn.Module]], dict[int, _TensorName
             for n, b in obj._buffers.items():
                 if b is not None:
                     record(b, _join(path, n), _zc.KIND_BUFFER, n not in nonpersistent)
-            children.extend((m, _join(path, n)) for n, m in obj._modules.items() if m is not None)
-            children.extend(
-                (v, _join(path, k))
-                for k, v in vars(obj).items()
-                if k not in ("_parameters", "_buffers", "_modules")
-            )
+            children = [(m, path, n, 0) for n, m in obj._modules.items() if m is not None]
+            children += [(v, path, k, 0) for k, v in vars(obj).items()
+                         if k not in _MODULE_SLOTS and keep(v)]
         elif isinstance(obj, (list, tuple)):
-            children.extend((v, f"{path}[{i}]") for i, v in enumerate(obj))
+            children = [(v, path, i, 1) for i, v in enumerate(obj) if keep(v)]
         elif isinstance(obj, dict):
-            children.extend((v, f"{path}[{k!r}]") for k, v in obj.items())
+            children = [(v, path, k, 2) for k, v in obj.items() if keep(v)]
         elif isinstance(obj, (set, frozenset)):
-            children.extend((v, f"{path}{{}}") for v in obj)
+            children = [(v, path, None, 3) for v in obj if keep(v)]
         else:
+            children = []
             d = getattr(obj, "__dict__", None)
             if isinstance(d, dict):
-                children.extend((v, _join(path, k)) for k, v in d.items())
+                children += [(v, path, k, 0) for k, v in d.items() if keep(v)]
             for slot in getattr(type(obj), "__slots__", ()) or ():
                 if isinstance(slot, str) and hasattr(obj, slot):
-                    children.append((getattr(obj, slot), _join(path, slot)))
+                    children.append((getattr(obj, slot), path, slot, 0))
         stack.extend(reversed(children))
     return modules, names
 
