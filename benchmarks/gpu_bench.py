@@ -134,7 +134,7 @@ def bench_size(gib: float, repeats: int, dev: torch.device, sweep: bool = True) 
             if populate:
                 m.populate(data_offset, data_size, 16)
             holder = {}
-            t = timed(lambda: holder.setdefault("out", fn(m)))
+            t = timed(lambda m=m: holder.setdefault("out", fn(m)))
             out = holder.pop("out")
             if name.startswith("plain"):
                 ref_sum = int(out.view(torch.int64).sum().item()) if out.numel() % 8 == 0 else None

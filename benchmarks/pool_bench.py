@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from ray_zerocopy import _zc  # noqa: E402
-from ray_zerocopy.device import host_copier, host_pool, staged_copy  # noqa: E402
+from ray_zerocopy.device import host_copier, staged_copy  # noqa: E402
 
 NBUF = 3
 

@@ -226,12 +226,21 @@ class _Registry:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             env = load_backend(self.backend_spec).holder_env(physical_id)
-            h = _HolderActor.options(
-                name=holder_name(self.key, physical_id), namespace=NAMESPACE,
-                num_cpus=0, num_gpus=0, max_restarts=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-                runtime_env={"env_vars": env} if env else None,
-            ).remote(self.box, physical_id, self.backend_spec)
+            opts = dict(name=holder_name(self.key, physical_id), namespace=NAMESPACE,
+                        num_cpus=0, num_gpus=0, max_restarts=0,
+                        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                        runtime_env={"env_vars": env} if env else None)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    h = _HolderActor.options(**opts).remote(self.box, physical_id,
+                                                            self.backend_spec)
+                    break
+                except ValueError:
+                    # The name of a holder that just died is released a moment later.
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
             self.holders[physical_id] = h
             self.created += 1
         return h
@@ -373,27 +382,38 @@ def load_shared(share: DeviceShare, device: Any) -> Any:
 def _open(share: DeviceShare, backend: DeviceBackend, physical_id: str,
           local: torch.device) -> _Lease:
     name = holder_name(share.key, physical_id)
-    for attempt in range(2):
-        try:
-            holder = ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
+    for attempt in range(3):
+        holder = None
+        if attempt == 0:  # the usual case: the holder exists, found by name
+            try:
+                holder = ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                pass
+        if holder is None:
             try:
                 node = ray.get_runtime_context().get_node_id()
                 holder = ray.get(share.registry.holder.remote(physical_id, node),
                                  timeout=HOLDER_TIMEOUT)
             except ray.exceptions.RayActorError as exc:
                 raise _gone(exc) from exc
+            except ray.exceptions.RayTaskError as exc:
+                raise DeviceError(f"no holder of the shared device copy could be made for GPU "
+                                  f"{physical_id}: {exc}") from exc
         try:
             payload = ray.get(holder.get.remote(), timeout=HOLDER_TIMEOUT)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise DeviceError(f"the holder of the shared device copy on GPU {physical_id} did "
+                              f"not answer in {HOLDER_TIMEOUT:.0f} s "
+                              "(RAY_ZEROCOPY_HOLDER_TIMEOUT)") from exc
         except ray.exceptions.RayActorError as exc:
-            # The holder died (killed, or its upload failed). Let the registry forget it; if
-            # it was the upload, say why; otherwise try once more with a new holder.
+            # The holder died (killed, lost, or its upload failed). Let the registry forget
+            # it; if the upload failed, say why; otherwise try again with a new holder.
             try:
                 ray.get(share.registry.forget.remote(physical_id, holder._actor_id.hex()))
             except ray.exceptions.RayActorError as exc2:
                 raise _gone(exc2) from exc2
             cause = _init_error(exc)
-            if cause is not None or attempt:
+            if cause is not None or attempt == 2:
                 raise DeviceError(f"the holder of the shared device copy on GPU {physical_id} "
                                   f"failed: {cause or exc}") from exc
             continue
