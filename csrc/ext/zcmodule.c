@@ -1129,6 +1129,87 @@ cleanup:
     return res;
 }
 
+/* ---- arena files ---------------------------------------------------------------- */
+
+static PyObject *file_dict(const zc_file_info *f) {
+    return Py_BuildValue("{s:I,s:I,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:I,s:I,s:I}", "version", (unsigned)f->version,
+                         "flags", (unsigned)f->flags, "meta_offset", (unsigned long long)f->meta_offset, "meta_size",
+                         (unsigned long long)f->meta_size, "skeleton_offset", (unsigned long long)f->skeleton_offset,
+                         "skeleton_size", (unsigned long long)f->skeleton_size, "arena_offset",
+                         (unsigned long long)f->arena_offset, "arena_size", (unsigned long long)f->arena_size,
+                         "file_size", (unsigned long long)f->file_size, "meta_crc", (unsigned)f->meta_crc,
+                         "skeleton_crc", (unsigned)f->skeleton_crc, "header_crc", (unsigned)f->header_crc);
+}
+
+static PyObject *py_file_plan(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"meta_size", "skeleton_size", "arena_size", NULL};
+    unsigned long long ms, ss, as;
+    zc_file_info f;
+    int code;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KKK:file_plan", kwlist, &ms, &ss, &as)) return NULL;
+    code = zc_file_plan(ms, ss, as, &f);
+    if (code) return raise_code(code, code == ZC_ETOOBIG ? "file: the metadata is larger than 16 MiB" : NULL);
+    return file_dict(&f);
+}
+
+static PyObject *py_file_write_header(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"meta", "skeleton", "arena_size", NULL};
+    Py_buffer meta, skel;
+    unsigned long long as;
+    char header[ZC_FILE_HEADER_SIZE];
+    int code;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*y*K:file_write_header", kwlist, &meta, &skel, &as)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    code = zc_file_write_header(header, sizeof header, meta.buf, (size_t)meta.len, skel.buf, (size_t)skel.len, as);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&meta);
+    PyBuffer_Release(&skel);
+    if (code) return raise_code(code, code == ZC_ETOOBIG ? "file: the metadata is larger than 16 MiB" : NULL);
+    return PyBytes_FromStringAndSize(header, sizeof header);
+}
+
+static PyObject *py_file_parse(PyObject *self, PyObject *arg) {
+    Py_buffer view;
+    zc_file_info f;
+    char msg[MSG_CAP];
+    PyObject *res = NULL, *arena;
+    int code;
+
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    code = zc_file_validate(view.buf, (size_t)view.len, &f, msg, sizeof msg);
+    Py_END_ALLOW_THREADS
+    if (code) {
+        raise_code(code, msg);
+        goto done;
+    }
+    res = file_dict(&f);
+    if (!res) goto done;
+    arena = arena_dict((const unsigned char *)view.buf + f.arena_offset, (size_t)f.arena_size, &f.arena);
+    if (!arena || PyDict_SetItemString(res, "arena", arena) < 0) Py_CLEAR(res);
+    Py_XDECREF(arena);
+done:
+    PyBuffer_Release(&view);
+    return res;
+}
+
+static PyObject *py_set_data_crc(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"dst", "data_crc", NULL};
+    Py_buffer dst;
+    unsigned long long crc;
+    int code;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "w*K:set_data_crc", kwlist, &dst, &crc)) return NULL;
+    if (crc > UINT32_MAX) {
+        PyBuffer_Release(&dst);
+        PyErr_SetString(PyExc_ValueError, "data_crc must fit in 32 bits");
+        return NULL;
+    }
+    code = zc_set_data_crc(dst.buf, (size_t)dst.len, (uint32_t)crc);
+    PyBuffer_Release(&dst);
+    if (code) return raise_code(code, code == ZC_EMAGIC ? "set_data_crc: dst does not start with an arena header" : NULL);
+    Py_RETURN_NONE;
+}
+
 /* ---- module ------------------------------------------------------------------- */
 
 #define KWFN(f) (PyCFunction)(void (*)(void))(f)
@@ -1171,6 +1252,15 @@ static PyMethodDef module_methods[] = {
     {"describe_address", py_describe_address, METH_O,
      "describe_address(addr)\n--\n\nName of the protected tensor at addr, '' inside a protected arena but no "
      "tensor, None if addr is not protected."},
+    {"file_plan", KWFN(py_file_plan), METH_VARARGS | METH_KEYWORDS,
+     "file_plan(meta_size, skeleton_size, arena_size)\n--\n\nOffsets and sizes of an arena file's sections (dict)."},
+    {"file_write_header", KWFN(py_file_write_header), METH_VARARGS | METH_KEYWORDS,
+     "file_write_header(meta, skeleton, arena_size)\n--\n\nThe 128-byte header of an arena file (bytes)."},
+    {"file_parse", py_file_parse, METH_O,
+     "file_parse(buf)\n--\n\nValidates a whole arena file; returns its header fields and, under 'arena', the "
+     "arena's (as parse())."},
+    {"set_data_crc", KWFN(py_set_data_crc), METH_VARARGS | METH_KEYWORDS,
+     "set_data_crc(dst, data_crc)\n--\n\nStores a data checksum in the arena header at the start of dst."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1230,7 +1320,8 @@ PyMODINIT_FUNC PyInit__zc(void) {
         add_int(m, "KIND_PARAMETER", ZC_KIND_PARAMETER) < 0 || add_int(m, "KIND_BUFFER", ZC_KIND_BUFFER) < 0 ||
         add_int(m, "KIND_OTHER", ZC_KIND_OTHER) < 0 || add_int(m, "TFLAG_PERSISTENT", ZC_TFLAG_PERSISTENT) < 0 ||
         add_int(m, "TFLAG_REQUIRES_GRAD", ZC_TFLAG_REQUIRES_GRAD) < 0 ||
-        add_int(m, "FLAG_NO_DATA_CRC", ZC_FLAG_NO_DATA_CRC) < 0)
+        add_int(m, "FLAG_NO_DATA_CRC", ZC_FLAG_NO_DATA_CRC) < 0 ||
+        add_int(m, "FILE_HEADER_SIZE", ZC_FILE_HEADER_SIZE) < 0 || add_int(m, "FILE_ARENA_ALIGN", ZC_FILE_ARENA_ALIGN) < 0)
         goto fail;
     {
         static const struct {

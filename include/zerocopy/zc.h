@@ -343,6 +343,62 @@ ZC_API int zc_nt_stores_available(void);
  * mode, a range that wraps around, or overlapping regions. */
 ZC_API int zc_pool_copy(zc_pool *pool, void *dst, const void *src, size_t n, int nparts, int mode);
 
+/* ---- arena files (file.c) ------------------------------------------------ */
+
+/* An arena file (docs/format.md, "Arena files") holds one pipeline: a 128-byte file header, a
+ * metadata blob (UTF-8 JSON, opaque to the core), the skeleton (opaque bytes: a pickle that only
+ * trusted input may be unpickled from), zero padding, and an arena (the format above) starting at
+ * a multiple of ZC_FILE_ARENA_ALIGN, so that a mapping of the whole file has a page-aligned data
+ * region. Every integer is little-endian. */
+#define ZC_FILE_MAGIC "RZCAFILE"     /* 8 bytes, no terminator in the file. */
+#define ZC_FILE_VERSION 1u
+#define ZC_FILE_HEADER_SIZE 128u     /* Fixed size of the file header. */
+#define ZC_FILE_ARENA_ALIGN 4096u    /* The arena starts at a multiple of this. */
+#define ZC_FILE_MAX_META (16u << 20) /* Largest metadata blob, in bytes. */
+
+/* The fields of a file header, and of the arena inside a file that zc_file_validate() accepted.
+ * Offsets are from the start of the file. */
+typedef struct zc_file_info {
+    uint32_t version;
+    uint32_t flags;
+    uint64_t meta_offset, meta_size;         /* meta_offset is ZC_FILE_HEADER_SIZE. */
+    uint64_t skeleton_offset, skeleton_size; /* skeleton_offset is meta_offset + meta_size. */
+    uint64_t arena_offset, arena_size;       /* arena_offset: the skeleton's end rounded up to 4096. */
+    uint64_t file_size;                      /* arena_offset + arena_size. */
+    uint32_t meta_crc, skeleton_crc, header_crc;
+    zc_arena_info arena;                     /* Header fields of the arena (zc_validate). */
+} zc_file_info;
+
+/* Computes where the parts of a file with the given section sizes go, into *out (its offset and
+ * size fields; CRCs and arena fields are zeroed).  Returns 0, ZC_ETOOBIG (meta_size over
+ * ZC_FILE_MAX_META) or ZC_EOVERFLOW. */
+ZC_API int zc_file_plan(uint64_t meta_size, uint64_t skeleton_size, uint64_t arena_size, zc_file_info *out);
+
+/* Writes the ZC_FILE_HEADER_SIZE-byte header of a file holding meta (meta_size bytes), skeleton
+ * (skeleton_size bytes) and an arena of arena_size bytes into dst (dst_cap >= ZC_FILE_HEADER_SIZE),
+ * with the CRC32C of meta and skeleton and the header CRC.  The caller writes the sections at the
+ * offsets zc_file_plan() gives, with zero bytes between the skeleton and the arena.
+ * Returns 0, ZC_EINVAL, ZC_ETOOBIG or ZC_EOVERFLOW. */
+ZC_API int zc_file_write_header(void *dst, size_t dst_cap, const void *meta, size_t meta_size,
+                                const void *skeleton, size_t skeleton_size, uint64_t arena_size);
+
+/* Validates size bytes at buf as an untrusted arena file (the whole file): header fields and
+ * header CRC, section offsets (overflow-checked), the file's exact size, the metadata and
+ * skeleton CRCs, the zero padding, then the arena with zc_validate() (whose total_size must equal
+ * arena_size).  Does not read the arena's data region.  Never reads outside [buf, buf+size).
+ * On success fills *info (may be NULL) and returns 0; on failure returns a negative code
+ * (ZC_ETRUNCATED, ZC_EMAGIC, ZC_EVERSION, ZC_EHEADER, ZC_ECHECKSUM, ZC_ETOOBIG, ZC_EOVERFLOW, or
+ * an arena code) and writes a NUL-terminated message naming the field into msg (msg_cap bytes,
+ * may be 0); messages about the arena start with "arena: ". */
+ZC_API int zc_file_validate(const void *buf, size_t size, zc_file_info *info, char *msg, size_t msg_cap);
+
+/* Stores data_crc as the data checksum of the arena whose header is the first header_size bytes
+ * at arena (header_size >= ZC_HEADER_SIZE): clears ZC_FLAG_NO_DATA_CRC, writes data_crc and the
+ * header CRC.  For a writer that computed the CRC32C of the data region while streaming it (an
+ * arena file is written part by part).  Nothing else is checked or changed.
+ * Returns 0, ZC_EINVAL or ZC_EMAGIC (not an arena header). */
+ZC_API int zc_set_data_crc(void *arena, size_t header_size, uint32_t data_crc);
+
 #ifdef __cplusplus
 }
 #endif

@@ -91,4 +91,36 @@ done:
     return a;
 }
 
+/* Builds an arena file (docs/format.md, "Arena files") around an arena: the header, meta,
+ * skeleton, zero padding and the arena.  Returns a malloc'd buffer (*size bytes) or NULL
+ * (*rc receives the code). */
+static inline unsigned char *za_build_file(const void *meta, size_t meta_size, const void *skeleton,
+                                           size_t skeleton_size, const unsigned char *arena, size_t arena_size,
+                                           size_t *size, int *rc) {
+    zc_file_info f;
+    unsigned char *buf;
+    int code = zc_file_plan(meta_size, skeleton_size, arena_size, &f);
+    if (code) {
+        *rc = code;
+        return NULL;
+    }
+    buf = (unsigned char *)calloc(1, (size_t)f.file_size);
+    if (!buf) {
+        *rc = ZC_ENOMEM;
+        return NULL;
+    }
+    code = zc_file_write_header(buf, (size_t)f.file_size, meta, meta_size, skeleton, skeleton_size, arena_size);
+    if (code) {
+        free(buf);
+        *rc = code;
+        return NULL;
+    }
+    if (meta_size) memcpy(buf + f.meta_offset, meta, meta_size);
+    if (skeleton_size) memcpy(buf + f.skeleton_offset, skeleton, skeleton_size);
+    if (arena_size) memcpy(buf + f.arena_offset, arena, arena_size);
+    *size = (size_t)f.file_size;
+    *rc = 0;
+    return buf;
+}
+
 #endif /* ZC_ARENA_H */

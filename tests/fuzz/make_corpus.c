@@ -1,40 +1,82 @@
 /*
- * make_corpus.c - writes the seed corpus of the arena fuzzer: small valid arenas of several
- * shapes, each under 8 KiB.  Run by hand after a format change: make_corpus tests/fuzz/corpus
+ * make_corpus.c - writes the seed corpora of the fuzzers: small valid arenas of several shapes,
+ * each under 8 KiB, for fuzz_arena, and arena files (each under 16 KiB) around some of them for
+ * fuzz_file.  Run by hand after a format change:
+ *   make_corpus tests/fuzz/corpus tests/fuzz/corpus_file
  */
 #include <stdio.h>
 #include <stdlib.h>
 
 #include "../c/zc_arena.h"
 
-static int write_arena(const char *dir, const char *name, const uint64_t *sizes, uint32_t ns, const za_tensor *t,
-                       uint32_t nt) {
-    char path[4096], msg[256];
-    size_t size = 0;
-    int rc;
-    unsigned char *a = za_build(sizes, NULL, ns, t, nt, &size, &rc, msg, sizeof msg);
+static const char *g_file_dir = NULL; /* Where the arena-file corpus goes (NULL: nowhere). */
+
+static int write_bytes(const char *dir, const char *name, const unsigned char *a, size_t size) {
+    char path[4096];
     FILE *f;
-    if (!a) {
-        fprintf(stderr, "%s: %s (%s)\n", name, zc_error_name(rc), msg);
-        return 1;
-    }
     snprintf(path, sizeof path, "%s/%s", dir, name);
     f = fopen(path, "wb");
     if (!f || fwrite(a, 1, size, f) != size) {
         fprintf(stderr, "%s: cannot write\n", path);
         if (f) fclose(f);
-        free(a);
         return 1;
     }
     fclose(f);
-    free(a);
     printf("%s: %zu bytes\n", path, size);
     return 0;
+}
+
+/* Writes an arena file around arena: metadata naming it and a skeleton of skel_size bytes. */
+static int write_file(const char *name, const unsigned char *arena, size_t arena_size, size_t skel_size) {
+    char meta[256];
+    unsigned char *skel = (unsigned char *)malloc(skel_size + 1), *file;
+    size_t size = 0;
+    int rc, fails;
+    snprintf(meta, sizeof meta, "{\"class\":\"%s\",\"methods\":[\"__call__\"]}", name);
+    for (size_t i = 0; i < skel_size; i++) skel[i] = (unsigned char)(i * 7 + 1);
+    if (skel_size >= 12) {
+        memcpy(skel, "RZCSKEL1", 8);
+        if (arena_size >= 92) memcpy(skel + 8, arena + 88, 4);
+    }
+    file = za_build_file(meta, strlen(meta), skel, skel_size, arena, arena_size, &size, &rc);
+    free(skel);
+    if (!file) {
+        fprintf(stderr, "%s: %s\n", name, zc_error_name(rc));
+        return 1;
+    }
+    fails = write_bytes(g_file_dir, name, file, size);
+    free(file);
+    return fails;
+}
+
+static int write_arena(const char *dir, const char *name, const uint64_t *sizes, uint32_t ns, const za_tensor *t,
+                       uint32_t nt) {
+    char msg[256];
+    size_t size = 0;
+    int rc, fails;
+    unsigned char *a = za_build(sizes, NULL, ns, t, nt, &size, &rc, msg, sizeof msg);
+    if (!a) {
+        fprintf(stderr, "%s: %s (%s)\n", name, zc_error_name(rc), msg);
+        return 1;
+    }
+    fails = write_bytes(dir, name, a, size);
+    /* Arena files around the smaller arenas: a short skeleton, and one that pushes the arena to
+     * the second page. */
+    if (g_file_dir && size <= 8192) {
+        char fname[256];
+        fails += write_file(name, a, size, 40);
+        snprintf(fname, sizeof fname, "%s_bigskel", name);
+        if (size <= 4224) fails += write_file(fname, a, size, 5000);
+    }
+    free(a);
+    return fails;
 }
 
 int main(int argc, char **argv) {
     const char *dir = argc > 1 ? argv[1] : "tests/fuzz/corpus";
     int fails = 0;
+
+    g_file_dir = argc > 2 ? argv[2] : NULL;
 
     { /* The golden arena of docs/format.md (storage bytes differ). */
         uint64_t sizes[] = {12, 3};

@@ -15,6 +15,8 @@
 #include "zerocopy/zc.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+/* Defined by the harness: 1 if its reader accepts the input as it is (for the summary line). */
+int fuzz_accepts(const uint8_t *data, size_t size);
 
 typedef struct input {
     unsigned char *data;
@@ -162,7 +164,7 @@ int main(int argc, char **argv) {
     }
     for (size_t i = 0; i < count; i++) {
         LLVMFuzzerTestOneInput(inputs[i].data, inputs[i].size);
-        if (zc_validate(inputs[i].data, inputs[i].size, NULL, NULL, 0) == 0) valid++;
+        if (fuzz_accepts(inputs[i].data, inputs[i].size)) valid++;
     }
     for (long m = 0; m < mutations; m++) {
         const input *src = &inputs[rnd() % count];
@@ -171,7 +173,7 @@ int main(int argc, char **argv) {
         memcpy(buf, src->data, size);
         mutate(buf, &size);
         LLVMFuzzerTestOneInput(buf, size);
-        if (zc_validate(buf, size, NULL, NULL, 0) == 0) accepted++;
+        if (fuzz_accepts(buf, size)) accepted++;
         free(buf);
     }
     printf("fuzz_replay: %zu corpus files (%zu valid), %ld mutations (%zu still valid)\n", count, valid, mutations,
