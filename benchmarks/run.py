@@ -74,6 +74,23 @@ PLANS = {
         "data_rows": 16, "data_batch": 8,
         "contender_figures": {"ours-actor-fastload": ["load", "inference"]},
     },
+    # The figures the open issues are judged on (one-copy wrap, task overhead), in about a third
+    # of the full run's time; one process per contender and model, as in full.
+    "focus": {
+        "models": [
+            {"model": "gpt2-medium", "figures": ["wrap", "memory", "load", "task"],
+             "actors": [1, 4]},
+            {"model": "resnet50", "figures": ["wrap", "task"]},
+            {"model": "small-5000", "figures": ["wrap", "load", "task"]},
+            {"model": "gpt-1.3b-bf16", "figures": ["wrap", "load"]},
+            {"model": "stack-200t-d1024", "figures": ["wrap", "load", "task"]},
+            {"model": "stack-200t-d2048", "figures": ["wrap", "load"]},
+        ],
+        "main": "gpt2-medium", "bytes_pair": ["stack-200t-d1024", "stack-200t-d2048"],
+        "load_repeats": 5, "steady_calls": 5, "wrap_repeats": 4, "task_calls": 30,
+        "data_rows": 16, "data_batch": 8, "copy_actor_cap": 4,
+        "contender_figures": {"ours-actor-fastload": ["load"]},
+    },
     "full": {
         "models": [
             {"model": "gpt2-medium", "figures": ALL_FIGS, "actors": [1, 2, 4, 8]},
@@ -239,6 +256,17 @@ def analyse(results, plan):
             pv = pw["peak_extra_rss"] / nb if pw and pw.get("first_in_process", True) else None
             add(f"driver peak extra memory while wrapping <= 1.1x the model ({LABELS[c]}, {model})",
                 v, 1.1, v <= 1.1, f"published: {fmt_r(pv)} the model")
+    for model in [m["model"] for m in plan["models"]]:
+        rz = "ray-zerocopy-tensors"
+        for label, path in (("first wrap", ("wrap_first", "seconds")),
+                            ("later wraps, median", ("wrap_repeat", "seconds", "median"))):
+            o = get(results, "ours-actor", "models", model, *path)
+            t = get(results, rz, "models", model, *path)
+            r = ratio(o, t)
+            if r is None:
+                continue
+            add(f"wrap time <= Ray's zero-copy tensors' put ({label}, {model})", r, 1.0, r <= 1.0,
+                f"ours (ActorWrapper) {fmt_s(o)}, Ray {fmt_s(t)}")
     for model in [m["model"] for m in plan["models"] if "inference" in m["figures"]]:
         st = get(results, "ours-actor", "models", model, "steady")
         if st:
@@ -366,7 +394,9 @@ def write_docs(path, results, plan, targets, meta):
       "models; memory is shown only where the wrap was the first in its process (a driver that "
       "has wrapped before keeps freed heap and store pages mapped, so its RSS does not grow). "
       "Ratios are against ours of the same kind (ActorWrapper for actor contenders, "
-      "TaskWrapper for task contenders).\n")
+      "TaskWrapper for task contenders). GB/s is the model's bytes over the median later wrap; "
+      f"this machine's one-thread memcpy measured in the same run: "
+      f"{meta.get('memcpy_gbps') or 0:.2f} GB/s (1 GiB, numpy, best of 3).\n")
     for item in plan["models"]:
         model = item["model"]
         rows = []
@@ -378,14 +408,16 @@ def write_docs(path, results, plan, targets, meta):
             wf = res.get("wrap_first")
             if not wf:
                 rows.append([LABELS[n], "failed: " + "; ".join(res.get("errors", []))[:160],
-                             "", "", "", "", "", ""])
+                             "", "", "", "", "", "", ""])
                 continue
             rw = get(res, "wrap_repeat", "seconds") or {}
             rwf = get(results, ref, "models", model, "wrap_first")
             fresh = wf.get("first_in_process", True) and rwf and rwf.get("first_in_process", True)
             na = "n/a (driver not fresh)"
+            later = rw.get("median")
             rows.append([LABELS[n], fmt_s(wf["seconds"]),
                          " / ".join(stat_row(rw, fmt_s)),
+                         f"{res['model_bytes'] / later / 1e9:.2f}" if later else "-",
                          fmt_r(ratio(wf["seconds"], rwf and rwf["seconds"])),
                          fmt_b(wf["peak_extra_rss"]) if fresh else na,
                          fmt_r(wf["peak_extra_rss"] / res["model_bytes"]) if fresh else na,
@@ -393,7 +425,8 @@ def write_docs(path, results, plan, targets, meta):
                          if fresh else na,
                          fmt_b(wf["extra_rss_after"]) if fresh else na])
         w(f"**{model}**\n")
-        w(table(["contender", "first wrap", "later wraps median / min / max", "vs ours",
+        w(table(["contender", "first wrap", "later wraps median / min / max",
+                 "GB/s (later, median)", "vs ours",
                  "peak extra RSS", "in models", "vs ours", "extra RSS after"], rows))
         w("")
 
@@ -629,6 +662,8 @@ def main():
             continue
         subprocess.run([py, "-c", "import torch, ray, ray.data, ray_zerocopy"], cwd=ROOT,
                        capture_output=True)
+    memcpy = bc.memcpy_gbps()
+    print(f"   one-thread memcpy: {memcpy:.2f} GB/s")
     t0 = time.perf_counter()
     results, versions = {}, {}
     timeout = 1800 if args.mode == "quick" else 7200
@@ -641,7 +676,7 @@ def main():
         # quick: one process per contender; full: one per contender and model, so that every
         # model's wrap starts from a fresh driver (peak RSS is then comparable for all models)
         parts = [(name, plan_path)]
-        if args.mode == "full":
+        if args.mode in ("full", "focus"):
             parts = []
             for i, item in enumerate(plan["models"]):
                 sub = dict(plan, models=[item])
@@ -672,7 +707,7 @@ def main():
     targets = analyse(results, plan)
     venv_names = {OURS_PY: ".venv (ours, Ray, plain)", PUB_PY: "bench-venv (published)"}
     meta = {"command": command, "mode": args.mode, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "seconds": seconds, "machine": machine, "skipped": skipped,
+            "seconds": seconds, "machine": machine, "skipped": skipped, "memcpy_gbps": memcpy,
             "versions": {venv_names[k]: v for k, v in versions.items()}}
     summary = {"meta": meta, "plan": plan, "targets": targets, "results": results}
     bc.write_json(os.path.join(run_dir, "summary.json"), summary)
