@@ -300,8 +300,13 @@ class _Plan:
         return _SKELETON_HEADER.pack(SKELETON_MAGIC, _read_manifest_crc(header)) + self.pickle_bytes
 
 
-def _plan(pipeline: Any) -> _Plan:
-    """Walks and pickles the pipeline and plans its arena (O(tensors); no weight is read)."""
+def _plan(pipeline: Any, replace: dict[int, torch.Tensor] | None = None) -> _Plan:
+    """Walks and pickles the pipeline and plans its arena (O(tensors); no weight is read).
+
+    ``replace`` maps ``id()`` of tensors of the pipeline (e.g. on the meta device) to the tensors
+    whose bytes, dtype and layout the arena takes in their place (e.g. views into a mapped
+    checkpoint, see ``ray_zerocopy.files``); the pipeline itself is not changed.
+    """
     modules, names = _walk(pipeline)
     if not modules:
         raise PackError(
@@ -331,6 +336,9 @@ def _plan(pipeline: Any) -> _Plan:
     tensor_names: list[str] = []
     for i, t in enumerate(found):
         nm = names.get(id(t), _TensorName(f"<tensor {i}>", _zc.KIND_OTHER, False))
+        requires_grad = t.requires_grad
+        if replace:
+            t = replace.get(id(t), t)
         _check_tensor(t, nm.path or "<pipeline>")
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
@@ -345,7 +353,7 @@ def _plan(pipeline: Any) -> _Plan:
         elif storages[sidx].numel() < nbytes:
             storages[sidx] = torch.empty(0, dtype=torch.uint8, device=t.device).set_(st)
         flags = (_zc.TFLAG_PERSISTENT if nm.persistent else 0) | (
-            _zc.TFLAG_REQUIRES_GRAD if t.requires_grad else 0)
+            _zc.TFLAG_REQUIRES_GRAD if requires_grad else 0)
         # Storage index + 1: the first storage is the leading guard.
         tensors.append((nm.path or "<pipeline>", sidx + 1, code_of(t.dtype), tuple(t.shape),
                         tuple(t.stride()), t.storage_offset(), nm.kind, flags))

@@ -17,6 +17,7 @@ from torch import nn
 from . import _oob, _worker
 from .device import parse_device
 from .errors import DeviceError, PackError, WrapperError
+from .files import FromFiles, Source
 from .pack import find_modules, store_parts
 from .unpack import arena_data_crc, verify_arena
 
@@ -71,8 +72,12 @@ class _Shared:
         if not ray.is_initialized():
             ray.init()
         t0 = time.perf_counter()
-        skeleton, arena, plan = store_parts(pipeline)
-        name = type(pipeline).__qualname__
+        if isinstance(pipeline, Source):  # an arena file or a checkpoint, not built here (files.py)
+            skeleton, arena, plan = pipeline.store_parts()
+            name, methods, data_crc = pipeline.cls_name, pipeline.methods, pipeline.data_crc
+        else:
+            skeleton, arena, plan = store_parts(pipeline)
+            name, methods, data_crc = type(pipeline).__qualname__, None, None
         capacity = _local_store_capacity()
         if capacity and arena.total > capacity:
             raise PackError(
@@ -87,8 +92,10 @@ class _Shared:
                 "object store; start Ray with a larger object_store_memory or use a smaller "
                 "model") from exc
         seconds = time.perf_counter() - t0
-        return cls(ref, name, frozenset(public_methods(pipeline)), plan.weight_bytes,
-                   len(plan.tensor_names), seconds)
+        if methods is None:
+            methods = frozenset(public_methods(pipeline))
+        return cls(ref, name, methods, plan.weight_bytes,
+                   len(plan.tensor_names), seconds, data_crc)
 
     def checksum(self) -> int:
         """The CRC32C of the data region of the arena in the store (computed once, O(bytes))."""
@@ -259,7 +266,7 @@ class _Handle:
         verify_arena(arena, expected_data_crc=crc)
 
 
-class TaskWrapper(_Handle):
+class TaskWrapper(_Handle, FromFiles):
     """Runs each method call of a pipeline in a Ray task that maps the weights with no copy.
 
     Wrapping packs the pipeline once and puts it into Ray's object store (owned by this
@@ -346,7 +353,7 @@ class TaskWrapper(_Handle):
                         "to actors and Ray Data instead")
 
 
-class ActorWrapper(_Handle):
+class ActorWrapper(_Handle, FromFiles):
     """A small picklable handle on a pipeline in Ray's object store, for actors and Ray Data.
 
     Its pickle holds the ObjectRef and a few settings, never weights. Inside an actor, Ray
