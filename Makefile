@@ -24,7 +24,8 @@ $(BIN)/python:
 $(VENV)/.deps: $(BIN)/python pyproject.toml
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q "$(TORCH_SPEC)" "numpy>=1.22" "cloudpickle>=2.0" "ray[data]>=2.9" \
-		"pytest>=7" psutil grpcio matplotlib "scikit-build-core>=0.10" cmake ninja
+		"pytest>=7" psutil grpcio matplotlib "scikit-build-core>=0.10" cmake ninja \
+		safetensors transformers
 	touch $@
 
 setup: $(VENV)/.deps
@@ -87,10 +88,14 @@ bench-quick: build bench-venv
 fuzz: setup
 	command -v clang >/dev/null || (apt-get update -qq && apt-get install -y -qq clang)
 	PATH=$(abspath $(BIN)):$$PATH cmake -S . -B build/fuzz -G Ninja -DCMAKE_C_COMPILER=clang -DZC_FUZZ=ON -DZC_BUILD_TESTS=OFF >/dev/null
-	PATH=$(abspath $(BIN)):$$PATH cmake --build build/fuzz --target fuzz_arena
+	PATH=$(abspath $(BIN)):$$PATH cmake --build build/fuzz --target fuzz_arena fuzz_file
 	mkdir -p build/fuzz/corpus && cp tests/fuzz/corpus/* build/fuzz/corpus/
+	mkdir -p build/fuzz/corpus_file && cp tests/fuzz/corpus_file/* build/fuzz/corpus_file/
 	build/fuzz/fuzz_arena -max_len=16384 -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
-		build/fuzz/corpus tests/fuzz/corpus >build/fuzz/log 2>&1; rc=$$?; tail -12 build/fuzz/log; exit $$rc
+		build/fuzz/corpus tests/fuzz/corpus >build/fuzz/log 2>&1; rc=$$?; tail -12 build/fuzz/log; \
+	build/fuzz/fuzz_file -max_len=32768 -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+		build/fuzz/corpus_file tests/fuzz/corpus_file >build/fuzz/log_file 2>&1; rc2=$$?; \
+	tail -12 build/fuzz/log_file; exit $$((rc || rc2))
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

@@ -22,6 +22,7 @@ from .errors import (
     ZeroCopyError,
     ZeroCopyWarning,
 )
+from .files import ArenaFile, load, save
 from .pack import Packed, find_modules, pack
 from .unpack import LoadedArena, rebuild, unpack, verify_arena
 
@@ -37,6 +38,9 @@ __all__ = [
     "JITModelWrapper",
     "pack",
     "unpack",
+    "save",
+    "load",
+    "ArenaFile",
     "rebuild",
     "find_modules",
     "verify_arena",

@@ -3,7 +3,8 @@
 ``demo`` runs the main job on an embedded local Ray: a GPT-2-shaped model built in code,
 a few TaskWrapper calls, a Ray Data ``map_batches`` run with 2 actors sharing the weights,
 and the figures (wrap time, load time in a worker, node memory against per-actor copies).
-``inspect FILE`` validates an arena file and prints its header and tensors.
+``inspect FILE`` validates an arena file (ray_zerocopy.save) or a bare arena and prints its
+header and tensors.
 """
 
 from __future__ import annotations
@@ -180,23 +181,54 @@ def inspect_cmd(args: argparse.Namespace) -> int:
 
     from . import _zc
     from .errors import ArenaError
+    from .files import ArenaFile
 
-    arena = np.fromfile(args.file, dtype=np.uint8)
+    with open(args.file, "rb") as f:
+        magic = f.read(8)
     try:
-        info = _zc.parse(arena)
-        if args.verify:
-            _zc.verify_data(arena)
+        if magic == b"RZCAFILE":  # an arena file: header, metadata, skeleton, arena
+            af = ArenaFile(args.file)
+            arena, info, fi = af.arena, af.arena_info, af.info
+            if args.verify:
+                af.verify()
+        else:  # a bare arena
+            fi = None
+            arena = np.fromfile(args.file, dtype=np.uint8)
+            info = _zc.parse(arena)
+            if args.verify:
+                _zc.verify_data(arena)
     except ArenaError as exc:
-        print(f"{args.file}: invalid arena: {exc}", file=sys.stderr)
+        where = "" if str(exc).startswith(args.file) else f"{args.file}: "
+        print(f"{where}invalid: {exc}" if where else f"invalid: {exc}", file=sys.stderr)
         return 1
-    print(f"{args.file}: arena v{info['version']}, {len(info['storages'])} storages, "
-          f"{len(info['tensors'])} tensors, data {info['data_size']} bytes at {info['data_offset']}"
-          + (", data CRC32C ok" if args.verify else ""))
+    if fi is not None:
+        print(f"{args.file}: arena file v{fi['version']}, {fi['file_size']:,} bytes; pipeline "
+              f"{af.meta.get('module', '?')}.{af.meta.get('class', '?')}, skeleton "
+              f"{fi['skeleton_size']:,} bytes (a pickle: trusted input only), arena at "
+              f"{fi['arena_offset']:,}")
+        methods = [m for m in af.meta.get("methods", ()) if m == "__call__" or m in _own_methods(af)]
+        if methods:
+            print(f"  methods: {', '.join(methods)}")
+    crc = ("data CRC32C ok" if args.verify else
+           "no data CRC32C" if info["flags"] & _zc.FLAG_NO_DATA_CRC else
+           f"data CRC32C {info['data_crc']:#010x} (check with --verify)")
+    print(f"{'  ' if fi else args.file + ': '}arena v{info['version']}, {len(info['storages'])} "
+          f"storages, {len(info['tensors'])} tensors, data {info['data_size']:,} bytes at "
+          f"{info['data_offset']:,}; {crc}")
     for t in info["tensors"][: args.limit]:
         name, sidx, dt, shape, stride, soff, kind, flags, boff = t
         print(f"  {name:50s} {_zc.dtype_name(dt):10s} {list(shape)} stride {list(stride)} "
               f"storage {sidx}+{soff}")
+    if len(info["tensors"]) > args.limit:
+        print(f"  ... {len(info['tensors']) - args.limit} more (--limit)")
     return 0
+
+
+def _own_methods(af) -> set[str]:
+    """Method names other than torch.nn.Module's own (those are listed for every module)."""
+    from torch import nn
+
+    return {m for m in af.meta.get("methods", ()) if not hasattr(nn.Module, m)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--size", choices=["tiny", "small", "gpt2"], default="small")
     d.add_argument("--rows", type=int, default=256)
     d.set_defaults(fn=demo)
-    i = sub.add_parser("inspect", help="validate an arena file and list its tensors")
+    i = sub.add_parser("inspect", help="validate an arena or arena file and list its tensors")
     i.add_argument("file")
     i.add_argument("--verify", action="store_true", help="also check the data CRC32C")
     i.add_argument("--limit", type=int, default=50)
