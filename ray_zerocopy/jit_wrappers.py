@@ -179,7 +179,7 @@ class JITModelWrapper(ModelWrapper):
         wrapper = super().from_model(pipeline, mode=mode, model_attr_names=model_attr_names,
                                      method_names=method_names)
         if isinstance(pipeline, ExportedRunner):
-            wrapper._is_module = True  # task mode: the whole program is one remote model
+            wrapper._is_standalone_module = True  # task mode: one remote model
         return wrapper
 
     @classmethod

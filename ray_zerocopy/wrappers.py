@@ -162,10 +162,16 @@ def _run_method(_zc_spec: tuple, *args: Any, **kwargs: Any) -> Any:
         from .device_share import load_shared
 
         pipeline = load_shared(share, device)
-    else:
-        pipeline = _worker.load_pipeline(box[0], device=device, fast_load=fast_load,
-                                         writable=writable)
-    return getattr(pipeline, method)(*args, **kwargs)
+        return getattr(pipeline, method)(*args, **kwargs)
+    # A pipeline nobody has used (the worker's spare, ready at once if it had time to build
+    # one); the next spare is rebuilt after the call, while the worker waits for its next task.
+    return _worker.call_fresh(box[0], _call_method, "", method, args, kwargs, device=device,
+                              fast_load=fast_load, writable=writable)
+
+
+def _call_method(pipeline: Any, path: str, method: str, args: tuple, kwargs: dict) -> Any:
+    """``pipeline.<path>.<method>(*args, **kwargs)``."""
+    return getattr(_resolve_path(pipeline, path), method)(*args, **kwargs)
 
 
 def _check_args_picklable(where: str, args: tuple, kwargs: dict) -> None:
@@ -429,19 +435,16 @@ class _RemoteModule:
     """Stands for one model of a pipeline in ModelWrapper's task mode: each allowed method
     call runs in a Ray task on the shared weights."""
 
-    def __init__(self, shared: _Shared, path: str, method_names: tuple[str, ...]):
+    def __init__(self, shared: _Shared, path: str, method_names: Iterable[str]):
         self._shared = shared
         self._path = path
-        self._methods = tuple(method_names)
+        self._methods = _with_call(method_names)
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return ray.get(_run_module_method.remote(
             ([self._shared.ref], self._path, method), *args, **kwargs))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if "__call__" not in self._methods:
-            raise AttributeError(f"{self._path or 'model'}: __call__ is not among the remote "
-                                 f"methods {self._methods}")
         return self._call("__call__", *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -449,6 +452,14 @@ class _RemoteModule:
             raise AttributeError(f"{self._path or 'model'}: {name!r} is not among the remote "
                                  f"methods {self._methods} (set method_names=)")
         return lambda *a, **k: self._call(name, *a, **k)
+
+
+def _with_call(method_names: Iterable[str]) -> tuple[str, ...]:
+    """The remote methods of a model: ``method_names`` and ``__call__`` (a model is callable,
+    and calling it runs in a task whatever ``method_names`` says, as in the published
+    library)."""
+    names = tuple(dict.fromkeys(method_names))
+    return names if "__call__" in names else (*names, "__call__")
 
 
 def _resolve_path(root: Any, path: str) -> Any:
@@ -461,8 +472,7 @@ def _resolve_path(root: Any, path: str) -> Any:
 @ray.remote
 def _run_module_method(_zc_spec: tuple, *args: Any, **kwargs: Any) -> Any:
     box, path, method = _zc_spec
-    pipeline = _worker.load_pipeline(box[0])
-    return getattr(_resolve_path(pipeline, path), method)(*args, **kwargs)
+    return _worker.call_fresh(box[0], _call_method, path, method, args, kwargs)
 
 
 class ModelWrapper(_Handle):
@@ -470,21 +480,36 @@ class ModelWrapper(_Handle):
 
     ``ModelWrapper.from_model(p, mode="actor")`` behaves like :class:`ActorWrapper`;
     ``mode="task"`` returns a wrapper whose :meth:`load` gives a local pipeline in which each
-    model attribute runs its ``method_names`` in Ray tasks (as the published library does).
+    model attribute runs its ``method_names`` (and ``__call__``) in Ray tasks, each call on a
+    pipeline nobody has used before (as the published library does).
     ``ModelWrapper.for_tasks(p)`` is ``from_model(p, mode="task").load()``. For whole-method
     tasks (all models of a method in one task) use :class:`TaskWrapper`.
+
+    A wrapper pickles to a small handle (never weights); :meth:`serialize` and
+    :meth:`deserialize` turn it into a dict and back, in this or any other process of the
+    cluster.
+
+    Attributes:
+        _mode: ``"task"`` or ``"actor"``.
+        _is_standalone_module: True when a bare ``nn.Module`` was wrapped, False for a
+            pipeline (read by code written against the published library).
     """
 
     def __init__(self, shared: _Shared, mode: str, model_attr_names: list[str] | None,
                  method_names: tuple[str, ...], is_module: bool, use_fast_load: bool = False,
-                 device_share: Any = None):
+                 device_share: Any = None, model_names: list[str] | None = None,
+                 model_methods: dict[str, tuple[str, ...]] | None = None):
         self._device_share = device_share
         self._shared = shared
         self._mode = mode
         self._model_attr_names = model_attr_names
         self._method_names = method_names
-        self._is_module = is_module
+        self._is_standalone_module = is_module
         self._use_fast_load = use_fast_load
+        # The pipeline's model attributes (task mode: each becomes a remote model), and the
+        # remote methods of each where they differ from method_names (from deserialize).
+        self._model_names = model_names if model_names is not None else model_attr_names
+        self._model_methods = model_methods or {}
 
     @classmethod
     def from_model(cls, model_or_pipeline: Any, mode: Literal["task", "actor"] = "actor",
@@ -500,7 +525,7 @@ class ModelWrapper(_Handle):
                 holds an ``nn.Module``); each must exist and hold a module. All modules are
                 shared either way.
             method_names: task mode: the model methods that run remotely (default
-                ``("__call__",)``).
+                ``("__call__",)``); ``__call__`` is always among them.
             share_device_copy: loads with ``device="cuda"`` open one copy per GPU, made by a
                 holder actor, instead of one copy per process (docs/device.md).
 
@@ -515,6 +540,12 @@ class ModelWrapper(_Handle):
                 if not isinstance(getattr(model_or_pipeline, name, None), nn.Module):
                     raise ValueError(f"model_attr_names: attribute {name!r} of "
                                      f"{type(model_or_pipeline).__qualname__} holds no nn.Module")
+            names = list(model_attr_names)
+        elif is_module:
+            names = None
+        else:
+            names = [p for p, _ in find_modules(model_or_pipeline)
+                     if p and "." not in p and "[" not in p]
         shared = _Shared.put(model_or_pipeline)
         share = None
         if share_device_copy:
@@ -523,7 +554,7 @@ class ModelWrapper(_Handle):
             share = make_share(shared.ref, "cuda", True, False)
         return cls(shared, mode, list(model_attr_names) if model_attr_names else None,
                    tuple(method_names) if method_names else ("__call__",), is_module,
-                   device_share=share)
+                   device_share=share, model_names=names)
 
     @classmethod
     def for_tasks(cls, model_or_pipeline: Any, method_names: tuple[str, ...] | None = None) -> Any:
@@ -532,8 +563,68 @@ class ModelWrapper(_Handle):
 
     @property
     def model_refs(self) -> dict[str, ray.ObjectRef]:
-        """One ObjectRef holds every model here; mapped under each model attribute name."""
-        return {name: self._shared.ref for name in (self._model_attr_names or ["model"])}
+        """One ObjectRef holds every model here; mapped under each model attribute name
+        (``"model"`` for a bare module)."""
+        return {name: self._shared.ref for name in self._names()}
+
+    def _names(self) -> list[str]:
+        if self._is_standalone_module or not self._model_names:
+            return ["model"]
+        return list(self._model_names)
+
+    def _methods_of(self, name: str) -> tuple[str, ...]:
+        return _with_call(self._model_methods.get(name, self._method_names))
+
+    def serialize(self) -> dict[str, Any]:
+        """The wrapper as a dict, for :meth:`deserialize` (here or in another process).
+
+        As in the published library: ``{"skeleton", "model_info", "is_standalone_module",
+        "mode"}``. ``model_info`` maps each model attribute (``"model"`` for a bare module) to
+        its ObjectRef, and in task mode to ``(ref, set_of_remote_methods)``. ``skeleton`` is
+        this library's handle on the packed pipeline (its ObjectRef and metadata; no
+        weights). Picklable; the process that wrapped the pipeline must stay alive.
+
+        Example:
+            >>> state = wrapper.serialize()
+            >>> again = ModelWrapper.deserialize(**state)
+        """
+        if self._mode == "task":
+            info: dict[str, Any] = {n: (self._shared.ref, set(self._methods_of(n)))
+                                    for n in self._names()}
+        else:
+            info = {n: self._shared.ref for n in self._names()}
+        state = {"skeleton": self._shared, "model_info": info,
+                 "is_standalone_module": self._is_standalone_module, "mode": self._mode}
+        if self._device_share is not None:
+            state["device_share"] = self._device_share
+        return state
+
+    @classmethod
+    def deserialize(cls, skeleton: Any, model_info: dict[str, Any],
+                    is_standalone_module: bool = False,
+                    mode: Literal["task", "actor"] = "actor",
+                    device_share: Any = None) -> ModelWrapper:
+        """Rebuilds a wrapper from :meth:`serialize`'s dict: ``deserialize(**state)``.
+
+        Raises:
+            ValueError: unknown mode.
+            TypeError: ``skeleton`` is not what :meth:`serialize` returned.
+        """
+        if mode not in ("task", "actor"):
+            raise ValueError(f"Invalid mode: {mode!r} (use 'task' or 'actor')")
+        if not isinstance(skeleton, _Shared):
+            raise TypeError(
+                f"ModelWrapper.deserialize: skeleton is a {type(skeleton).__qualname__}, not "
+                "the handle ModelWrapper.serialize() returns; pass deserialize(**state) the "
+                "dict serialize() made")
+        methods: dict[str, tuple[str, ...]] = {}
+        for name, value in model_info.items():
+            if isinstance(value, tuple) and len(value) == 2 and value[1] is not None:
+                methods[name] = tuple(sorted(value[1]))
+        names = None if is_standalone_module else list(model_info)
+        first = next(iter(methods.values()), ("__call__",))
+        return cls(skeleton, mode, names, first, bool(is_standalone_module),
+                   device_share=device_share, model_names=names, model_methods=methods)
 
     def load(self, _use_fast_load: bool = False, device: Any = None) -> Any:
         """Actor mode: the pipeline, zero-copy. Task mode: a local pipeline whose models run
@@ -553,16 +644,20 @@ class ModelWrapper(_Handle):
                                      fast_load=use_fast_load or self._use_fast_load, cache=False)
 
     def _task_pipeline(self) -> Any:
-        skeleton, arena = _worker.fetch(self._shared.ref)
-        from .unpack import LoadedArena, rebuild
+        if self._is_standalone_module:
+            return _RemoteModule(self._shared, "", self._methods_of("model"))
+        # The pipeline's own code runs here; its models become remote models. Views of the
+        # shared weights, read-only in this process.
+        skeleton, loaded = _worker.load_arena(self._shared.ref, device=None, fast_load=False,
+                                              protect=True, writable=False)
+        from .unpack import rebuild
 
-        if self._is_module:
-            return _RemoteModule(self._shared, "", self._method_names)
-        pipeline = rebuild(skeleton, LoadedArena(arena, protect=True))  # shared: read-only
-        names = self._model_attr_names or [
-            p for p, m in find_modules(pipeline) if p and "." not in p and "[" not in p]
+        pipeline = rebuild(skeleton, loaded)
+        names = self._model_names
+        if names is None:  # a wrapper made before model names were recorded
+            names = [p for p, _ in find_modules(pipeline) if p and "." not in p and "[" not in p]
         for name in names:
-            setattr(pipeline, name, _RemoteModule(self._shared, name, self._method_names))
+            setattr(pipeline, name, _RemoteModule(self._shared, name, self._methods_of(name)))
         return pipeline
 
     def __repr__(self) -> str:

@@ -1,0 +1,339 @@
+"""No state between task calls, whatever a call does to its pipeline; the worker's spare
+pipelines; and the three points of the published library's API that code written against
+ray-zerocopy 0.2.0 relies on (serialize/deserialize, __call__ always remote,
+_is_standalone_module)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import ray_zerocopy as rzc
+
+pytestmark = pytest.mark.ray
+
+HOOK_OUTPUT = 1e6
+
+
+class Net(nn.Module):
+    """A model whose methods change it in every way a call can: each returns what the model
+    looked like when the call began (so a call also shows what an earlier call left behind)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+        self.scale = 1.0
+        self.seen: list[int] = []
+        self.eval()
+
+    def forward(self, x):
+        return self.body(x) * self.scale
+
+    def state(self) -> dict:
+        first = self.body[0]
+        return {
+            "pid": os.getpid(),
+            "scale": self.scale,
+            "seen": list(self.seen),
+            "extra": hasattr(self, "extra"),
+            "training": self.training or any(m.training for m in self.modules()),
+            "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
+                         for m in self.modules()),
+            "head": type(self.body[2]).__name__,
+            "requires_grad": any(p.requires_grad for p in self.parameters()),
+            "tensor_attr": hasattr(first.weight, "tag"),
+        }
+
+    def mutate(self, how: str) -> dict:
+        before = self.state()
+        if how == "attribute":
+            self.scale = 100.0
+            self.extra = "set by a call"
+        elif how == "append":
+            self.seen.append(len(self.seen))
+        elif how == "submodule":
+            self.body[2] = nn.Identity()
+        elif how == "train":
+            self.train()
+        elif how == "hook":
+            self.body[0].register_forward_hook(lambda m, i, o: o + HOOK_OUTPUT)
+            self.register_forward_pre_hook(lambda m, args: None)
+        elif how == "tensor":
+            self.body[0].weight.requires_grad_(True)
+            self.body[0].weight.tag = "set by a call"
+        return before
+
+
+class NetPipeline:
+    """A pipeline (not a module) holding the model and a list of its own."""
+
+    def __init__(self):
+        self.model = Net()
+        self.history: list[str] = []
+
+    def __call__(self, x):
+        with torch.no_grad():
+            return self.model(x)
+
+    def mutate(self, how: str) -> dict:
+        before = {**self.model.state(), "history": list(self.history)}
+        self.history.append(how)
+        if how == "pipeline-attribute":
+            self.model = nn.Identity()
+        else:
+            self.model.mutate(how)
+        return before
+
+    def state(self) -> dict:
+        return {**self.model.state(), "history": list(self.history)}
+
+    def worker_report(self, ref_hex: str) -> dict:
+        """This worker's cache entry for the wrapper, and the collector's state."""
+        import gc
+
+        from ray_zerocopy import _worker
+
+        entries = [e for k, e in _worker._cache.items() if k[0] == ref_hex]
+        return {"pid": os.getpid(), "entries": len(entries),
+                "taken": sum(e.taken for e in entries),
+                "rebuilt": sum(e.rebuilt for e in entries),
+                "gc_enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
+
+
+CHANGES = ["attribute", "append", "submodule", "train", "hook", "tensor"]
+PRISTINE = {"scale": 1.0, "seen": [], "extra": False, "training": False, "hooks": 0,
+            "head": "Linear", "requires_grad": False, "tensor_attr": False}
+
+
+def _pristine(state: dict) -> bool:
+    return all(state[k] == v for k, v in PRISTINE.items())
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.3], ids=["back-to-back", "spare-ready"])
+def test_task_wrapper_no_state_between_calls(ray_session, pause):
+    p = NetPipeline()
+    wrapped = rzc.TaskWrapper(p)
+    x = torch.randn(4, 8)
+    want = p(x)
+    pids = []
+    for how in CHANGES + ["pipeline-attribute"] + CHANGES:
+        before = wrapped.mutate(how)
+        assert _pristine(before) and before["history"] == [], (how, before)
+        pids.append(before["pid"])
+        time.sleep(pause)
+        # A call after it sees the pipeline as it was wrapped, and computes what it computes
+        # locally (the hook, train() mode or a replaced layer would change the output).
+        torch.testing.assert_close(wrapped(x), want, rtol=1e-6, atol=1e-6)
+        time.sleep(pause)
+    # The point is the same worker: its spare and cache must not carry a change over.
+    assert len(set(pids)) < len(pids), pids
+    assert _pristine(wrapped.state()) and p.state()["history"] == []
+
+
+def test_task_wrapper_remote_calls_in_parallel_are_isolated(ray_session):
+    p = NetPipeline()
+    wrapped = rzc.TaskWrapper(p)
+    refs = [wrapped.mutate.remote(how) for how in CHANGES * 3]
+    for before in ray_session.get(refs):
+        assert _pristine(before) and before["history"] == [], before
+
+
+@pytest.mark.parametrize("standalone", [True, False], ids=["bare-module", "pipeline"])
+def test_model_wrapper_task_mode_no_state_between_calls(ray_session, standalone):
+    net = Net()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        want = net(x)
+    if standalone:
+        remote = rzc.ModelWrapper.for_tasks(net, method_names=("mutate", "state"))
+        model = remote
+    else:
+        pipe = NetPipeline()
+        remote = rzc.ModelWrapper.for_tasks(pipe, method_names=("mutate", "state"))
+        model = remote.model
+    pids = []
+    for how in CHANGES * 2:
+        before = model.mutate(how)
+        assert _pristine(before), (how, before)
+        pids.append(before["pid"])
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), want, rtol=1e-6, atol=1e-6)
+    assert len(set(pids)) < len(pids), pids
+    assert _pristine(model.state())
+
+
+def test_calls_take_the_spare_and_gc_is_left_as_it_was(ray_session):
+    p = NetPipeline()
+    wrapped = rzc.TaskWrapper(p)
+    hexid = wrapped.object_ref.hex()
+    x = torch.randn(2, 8)
+    for _ in range(4):
+        torch.testing.assert_close(wrapped(x), p(x), rtol=1e-6, atol=1e-6)
+        time.sleep(0.3)  # time for the worker to build the next spare
+    reports = [wrapped.worker_report(hexid) for _ in range(4)]
+    assert any(r["taken"] >= 2 for r in reports), reports
+    for r in reports:
+        assert r["entries"] == 1 and r["gc_enabled"] and r["frozen"] == 0, r
+
+
+def test_call_fresh_new_pipeline_each_call_and_spare_failure(ray_session, monkeypatch):
+    """Each call gets new objects (modules, tensors); a spare that cannot be built is built
+    by the call that needs it instead, which then reports its own error if any."""
+    import threading
+
+    from ray_zerocopy import _worker
+
+    packed = rzc.pack(NetPipeline())
+    ref = ray_session.put((packed.skeleton, packed.arena))
+    seen = []
+
+    def fn(pipeline, x):
+        seen.append(pipeline)
+        return pipeline(x)
+
+    x = torch.randn(2, 8)
+    a = _worker.call_fresh(ref, fn, x)
+    time.sleep(0.3)
+    b = _worker.call_fresh(ref, fn, x)
+    assert torch.equal(a, b)
+    first, second = seen
+    assert first is not second and first.model is not second.model
+    assert first.model.body[0].weight is not second.model.body[0].weight
+    assert first.model.body[0].weight.data_ptr() == second.model.body[0].weight.data_ptr()
+
+    real = _worker.rebuild
+
+    def failing_on_builder(skeleton, loaded):
+        if threading.current_thread().name == "ray_zerocopy-spare":
+            raise RuntimeError("spare build failed")
+        return real(skeleton, loaded)
+
+    monkeypatch.setattr(_worker, "rebuild", failing_on_builder)
+    for _ in range(3):
+        time.sleep(0.3)
+        assert torch.equal(_worker.call_fresh(ref, fn, x), a)
+    assert len({id(q) for q in seen}) == len(seen) == 5
+
+
+# --------------------------------------------------------------------------- published API
+# ray-zerocopy 0.2.0 (model_wrappers.py, nn/rewrite.py, _internal/zerocopy.py): documented
+# behaviour that code written against it relies on.
+
+
+class Predictor:
+    """A pipeline whose own method calls its model (the published README's pattern)."""
+
+    def __init__(self):
+        torch.manual_seed(1)
+        self.model = nn.Linear(8, 3).eval()
+
+    def predict(self, x):
+        with torch.no_grad():
+            return self.model(x).argmax(-1)
+
+
+def test_published_call_is_always_remote(ray_session):
+    """'Always include __call__ if the model is callable' (prepare_pipeline): a pipeline
+    method that calls self.model(x) works whatever method_names lists."""
+    p = Predictor()
+    x = torch.randn(5, 8)
+    remote = rzc.ModelWrapper.for_tasks(p, method_names=("predict",))
+    assert torch.equal(remote.predict(x), p.predict(x))
+    assert isinstance(remote.model, object) and not isinstance(remote.model, nn.Module)
+    bare = rzc.ModelWrapper.for_tasks(p.model, method_names=("forward",))
+    with torch.no_grad():
+        torch.testing.assert_close(bare(x), p.model(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(bare.forward(x), p.model(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(AttributeError):
+        bare.state_dict  # only the listed methods (and __call__) are remote
+
+
+def test_published_jit_call_is_always_remote(ray_session):
+    p = Predictor()
+    x = torch.randn(5, 8)
+    p.model = torch.jit.trace(p.model, x)
+    remote = rzc.JITModelWrapper.for_tasks(p, method_names=("forward",))
+    assert torch.equal(remote.predict(x), p.predict(x))
+
+
+def test_published_is_standalone_module_and_mode(ray_session):
+    p = Predictor()
+    assert rzc.ModelWrapper.from_model(p.model, mode="task")._is_standalone_module is True
+    assert rzc.ModelWrapper.from_model(p.model, mode="actor")._is_standalone_module is True
+    w = rzc.ModelWrapper.from_model(p, mode="actor")
+    assert w._is_standalone_module is False and w._mode == "actor"
+    assert rzc.ModelWrapper.from_model(p, mode="task")._mode == "task"
+
+
+def _deserialize_and_run(state, x):
+    from ray_zerocopy import ModelWrapper
+
+    w = ModelWrapper.deserialize(**state)
+    loaded = w.load()
+    return w._mode, w._is_standalone_module, loaded.predict(x) if hasattr(loaded, "predict") \
+        else loaded(x)
+
+
+def test_published_serialize_deserialize(ray_session):
+    """serialize() returns a dict with the published keys; deserialize(**that) rebuilds the
+    wrapper, here and in another process."""
+    p = Predictor()
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        want_model = p.model(x)
+    remote_fn = ray_session.remote(_deserialize_and_run)
+    for obj, mode in [(p, "actor"), (p, "task"), (p.model, "actor"), (p.model, "task")]:
+        w = rzc.ModelWrapper.from_model(obj, mode=mode)
+        state = w.serialize()
+        assert set(state) == {"skeleton", "model_info", "is_standalone_module", "mode"}
+        assert state["mode"] == mode and state["is_standalone_module"] == (obj is p.model)
+        assert list(state["model_info"]) == ["model"]
+        info = state["model_info"]["model"]
+        if mode == "task":
+            ref, methods = info
+            assert isinstance(ref, ray_session.ObjectRef) and "__call__" in methods
+        else:
+            assert isinstance(info, ray_session.ObjectRef)
+        assert list(w.model_refs) == ["model"]
+        again = rzc.ModelWrapper.deserialize(**state)
+        assert again._mode == mode and again._is_standalone_module == (obj is p.model)
+        assert again.serialize()["model_info"].keys() == state["model_info"].keys()
+        want = p.predict(x) if obj is p else want_model
+        here = again.load()
+        got = here.predict(x) if obj is p else here(x)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        mode_there, standalone_there, there = ray_session.get(remote_fn.remote(state, x))
+        assert mode_there == mode and standalone_there == (obj is p.model)
+        torch.testing.assert_close(there, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="mode"):
+        rzc.ModelWrapper.deserialize(**{**state, "mode": "nope"})
+    with pytest.raises(TypeError, match="serialize"):
+        rzc.ModelWrapper.deserialize(**{**state, "skeleton": object()})
+
+
+def test_published_task_mode_methods_per_model(ray_session):
+    """model_info carries the remote methods of each model; deserialize keeps them."""
+
+    class Two:
+        def __init__(self):
+            self.encoder = nn.Linear(4, 4).eval()
+            self.decoder = nn.Linear(4, 2).eval()
+
+        def __call__(self, x):
+            return self.decoder(self.encoder(x))
+
+    w = rzc.ModelWrapper.from_model(Two(), mode="task", method_names=("forward",))
+    state = w.serialize()
+    assert set(state["model_info"]) == {"encoder", "decoder"}
+    assert all(m == {"forward", "__call__"} for _, m in state["model_info"].values())
+    state["model_info"]["decoder"] = (state["model_info"]["decoder"][0], {"__call__"})
+    loaded = rzc.ModelWrapper.deserialize(**state).load()
+    x = torch.randn(3, 4)
+    assert loaded(x).shape == (3, 2) and loaded.encoder.forward(x).shape == (3, 4)
+    with pytest.raises(AttributeError):
+        loaded.decoder.forward
