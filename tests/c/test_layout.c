@@ -242,10 +242,53 @@ static void test_write_manifest(void) {
     free(a);
 }
 
+/* zc_write_header: the first data_offset bytes, final, with NO_DATA_CRC; the same bytes as
+ * zc_write_manifest + zc_finalize except flags, data_crc and header_crc. */
+static void test_write_header(void) {
+    za_tensor ts[2];
+    zc_tensor_desc d[2];
+    uint64_t sizes[2] = {100, 3}, offsets[2];
+    zc_plan_t plan;
+    unsigned char *a, *b;
+    zc_arena_info info;
+    char msg[256];
+
+    ts[0] = vec("w", 0, ZC_DT_FLOAT32, 25, 0);
+    ts[1] = vec("b", 1, ZC_DT_UINT8, 3, 0);
+    za_descs(ts, 2, d);
+    ZT_EQ_INT(zc_plan(sizes, 2, d, 2, offsets, &plan, msg, sizeof msg), 0);
+    a = (unsigned char *)calloc(1, (size_t)plan.total_size);
+    b = (unsigned char *)calloc(1, (size_t)plan.total_size);
+    for (unsigned i = 0; i < 100; i++) a[plan.data_offset + i] = b[plan.data_offset + i] = (unsigned char)i;
+    ZT_EQ_INT(zc_write_header(a, (size_t)plan.data_offset - 1, &plan, sizes, offsets, d), ZC_EINVAL);
+    ZT_EQ_INT(zc_write_header(NULL, (size_t)plan.data_offset, &plan, sizes, offsets, d), ZC_EINVAL);
+    /* Only data_offset bytes are needed, and nothing past them is written. */
+    a[plan.data_offset + 100] = 0xEE;
+    ZT_EQ_INT(zc_write_header(a, (size_t)plan.data_offset, &plan, sizes, offsets, d), 0);
+    ZT_EQ_INT(a[plan.data_offset + 100], 0xEE);
+    a[plan.data_offset + 100] = 0;
+    ZT_EQ_INT(zc_validate(a, (size_t)plan.total_size, &info, msg, sizeof msg), 0);
+    ZT_EQ_HEX(info.flags, ZC_FLAG_NO_DATA_CRC);
+    ZT_EQ_HEX(info.data_crc, 0);
+    ZT_EQ_INT(zc_verify_data(a, (size_t)plan.total_size, 0), ZC_ENODATACRC);
+    ZT_EQ_INT(zc_write_manifest(b, (size_t)plan.total_size, &plan, sizes, offsets, d), 0);
+    ZT_EQ_INT(zc_finalize(b, (size_t)plan.total_size, 0), 0);
+    ZT_EQ_INT(memcmp(a, b, 12), 0);
+    ZT_EQ_INT(memcmp(a + 16, b + 16, 92 - 16), 0);
+    ZT_EQ_INT(memcmp(a + 100, b + 100, (size_t)(plan.total_size - 100)), 0);
+    /* finalize computes the checksum and clears the flag. */
+    ZT_EQ_INT(zc_finalize(a, (size_t)plan.total_size, 0), 0);
+    ZT_EQ_INT(memcmp(a, b, (size_t)plan.total_size), 0);
+    ZT_EQ_INT(zc_verify_data(a, (size_t)plan.total_size, 0), 0);
+    free(a);
+    free(b);
+}
+
 int main(void) {
     test_dtypes();
     test_plan_layout();
     test_plan_errors();
     test_write_manifest();
+    test_write_header();
     return zt_report();
 }

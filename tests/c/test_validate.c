@@ -192,7 +192,8 @@ static void test_header_fields(void) {
 
     EXPECT_MUT(ZC_EMAGIC, "header: bad magic", m_[0] = 'X');
     EXPECT_MUT(ZC_EVERSION, "header: version 2 is not supported (expected 1)", wr32(m_ + 8, 2));
-    EXPECT_MUT(ZC_EHEADER, "header: flags 0x00000001 are not zero", wr32(m_ + 12, 1));
+    EXPECT_MUT(ZC_EHEADER, "header: flags 0x00000002 have unknown bits", wr32(m_ + 12, 2));
+    EXPECT_MUT(ZC_EHEADER, "header: flags say no data checksum but data_crc is", wr32(m_ + 12, 1));
     EXPECT_MUT(ZC_EHEADER, "header: header_size is 256 (expected 128)", wr32(m_ + 16, 256));
     EXPECT_MUT(ZC_EHEADER, "header: storage_align is 32 (expected 64)", wr32(m_ + 20, 32));
     EXPECT_MUT(ZC_EHEADER, "header: data_align is 8192 (expected 4096)", wr32(m_ + 24, 8192));
