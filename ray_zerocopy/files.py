@@ -419,8 +419,8 @@ class _Key:
     name: str  # the key in the checkpoint
 
 
-def _short(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
+def _short(names: list[str], limit: int = 8, quote: bool = True) -> str:
+    shown = ", ".join(repr(n) if quote else n for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
@@ -584,9 +584,9 @@ class CheckpointSource(Source):
         if dup:
             problems.append(f"keys in more than one checkpoint file: {_short(sorted(dup))}")
         if shape_err:
-            problems.append(f"shape mismatches: {_short(shape_err)}")
+            problems.append(f"shape mismatches: {_short(shape_err, quote=False)}")
         if dtype_err:
-            problems.append(f"dtype mismatches: {_short(dtype_err)}")
+            problems.append(f"dtype mismatches: {_short(dtype_err, quote=False)}")
         if uncovered:
             problems.append(
                 f"tensors on the meta device that no checkpoint holds and the model cannot "
