@@ -722,6 +722,12 @@ def main():
         for p in plots(results, plan, os.path.join(ROOT, "docs", "img")):
             print("   wrote", p)
         print("   wrote docs/benchmarks.md")
+    if not args.no_docs and not only:
+        # 'From checkpoint': its own contenders (benchmarks/checkpoint_bench.py), appended.
+        model = "gpt2-small" if args.mode == "quick" else "gpt2-medium"
+        subprocess.run([OURS_PY, os.path.join(HERE, "checkpoint_bench.py"), "--model", model,
+                        "--json", os.path.join(run_dir, "checkpoint.json"),
+                        "--append-docs", os.path.join(ROOT, "docs", "benchmarks.md")], cwd=ROOT)
     return 0
 
 
