@@ -80,10 +80,10 @@ class _PeakAnon:
 
 def prepare(spec_name: str, folder: str) -> dict:
     """Writes the checkpoint (safetensors, tied weights once) and the arena file of the model."""
+    import bench_models as bm
     import torch
     from safetensors.torch import save_model
 
-    import bench_models as bm
     import ray_zerocopy
 
     spec = bm.MODELS[spec_name]
@@ -109,19 +109,19 @@ def _meta_pipeline(spec):
 
 
 def run_one(name: str, spec_name: str, files: dict, actors: int) -> dict:
-    import ray
-    import torch
-
     import bench_common as bc
     import bench_models as bm
+    import ray
+    import torch
 
     spec = bm.MODELS[spec_name]
     ref = torch.load(files["ref"])
     ray.init(num_cpus=max(2, actors), include_dashboard=False, log_to_driver=False,
              object_store_memory=int(files["bytes"] * 2.5) + (256 << 20))
     try:
-        import ray_zerocopy.wrappers  # noqa: F401  (imports are not timed)
         from safetensors.torch import load_file
+
+        import ray_zerocopy.wrappers  # noqa: F401  (imports are not timed)
 
         @ray.remote(num_cpus=0)
         class Holder:

@@ -24,9 +24,10 @@ import mmap
 import os
 import time
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 #: The suffix this library gives arena files (nothing depends on it).
 FILE_SUFFIX = ".rzc"
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, "os.PathLike[str]"]  # noqa: UP007 (a runtime alias, Python 3.10)
 
 
 # ---- arena files ------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def save(pipeline: Any, path: PathLike, *, nthreads: int = 0) -> FileInfo:
             f.write(meta)
             f.write(skeleton)
             f.write(bytes(layout["arena_offset"] - layout["skeleton_offset"] - len(skeleton)))
-            for part, off in zip(arena.parts, arena.offsets):
+            for part, off in zip(arena.parts, arena.offsets, strict=True):
                 view = memoryview(part).cast("B")
                 skip = max(data_offset - off, 0)  # the header and manifest are not checksummed
                 if skip < len(view):
@@ -321,8 +322,9 @@ class FileSource(Source):
 
         f = self.file
         ai = f.arena_info
-        weight_bytes = int(meta_bytes) if isinstance(meta_bytes := f.meta.get("weight_bytes"), int) \
-            else sum(n for _, n in ai["storages"])
+        weight_bytes = f.meta.get("weight_bytes")
+        if not isinstance(weight_bytes, int):  # a file from another writer: count the storages
+            weight_bytes = sum(n for _, n in ai["storages"])
         logger.info("%s: putting %s arena (%d tensors) into the object store", f.path,
                     _size(len(f.arena)), len(ai["tensors"]))
         arena = StoreArena([f.arena], [0], len(f.arena), len(f.arena))
@@ -339,7 +341,7 @@ def _size(n: float) -> str:
 
 # ---- safetensors checkpoints ------------------------------------------------------------------
 
-Weights = Union[PathLike, Iterable[PathLike], Mapping[str, Any]]
+Weights = Union[PathLike, Iterable[PathLike], Mapping[str, Any]]  # noqa: UP007 (runtime alias)
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -598,7 +600,7 @@ class CheckpointSource(Source):
 
         # Conversions (staged: each converted tensor is a new allocation) and read-ahead.
         n_bytes = 0
-        for i, (h, f, tensors) in enumerate(zip(handles, files, per_shard)):
+        for i, (f, tensors) in enumerate(zip(files, per_shard, strict=True)):
             t0 = time.perf_counter()
             shard_bytes = sum(s.numel() * s.element_size() for s in tensors)
             if self.prefetch:

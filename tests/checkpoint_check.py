@@ -54,9 +54,8 @@ def _uss() -> int:
 
 def write(path: str, nbytes: int) -> None:
     import torch
-    from safetensors.torch import save_file
-
     from models import big_mlp
+    from safetensors.torch import save_file
 
     torch.manual_seed(0)
     save_file(big_mlp(nbytes).state_dict(), path)
@@ -75,9 +74,9 @@ def main() -> int:
 
     import ray
     import torch
+    from models import big_mlp
     from safetensors.torch import load_file
 
-    from models import big_mlp
     from ray_zerocopy import TaskWrapper
     from ray_zerocopy.files import CheckpointSource
 

@@ -1,6 +1,6 @@
-"""Arena files (docs/format.md, "Arena files"; docs/files.md): the golden file byte for byte, save ->
-load round trips of every pipeline shape, truncated and corrupted files, inspect, and the wrappers'
-from_file."""
+"""Arena files (docs/format.md, "Arena files"; docs/files.md): the golden file byte for byte,
+save -> load round trips of every pipeline shape, truncated and corrupted files, inspect, and the
+wrappers' from_file."""
 
 from __future__ import annotations
 
@@ -14,15 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from models import GPT2ish, Pipeline, ResNetish, mlp
+from test_format import STORAGES, TENSORS, crc32c_reference, reference_arena
 from torch import nn
 
 import ray_zerocopy as rzc
 from ray_zerocopy import _zc
 from ray_zerocopy.errors import ArenaError
 from ray_zerocopy.files import ArenaFile
-
-from models import GPT2ish, Pipeline, ResNetish, mlp
-from test_format import STORAGES, TENSORS, crc32c_reference, reference_arena
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_FILE = ROOT / "tests" / "data" / "golden_small.rzc"
@@ -239,7 +238,8 @@ def test_save_load_round_trip(tmp_path, name):
     a, b = _state(model), _state(loaded)
     assert list(a) == list(b)
     for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
+        raw_a, raw_b = (t.reshape(-1).view(torch.uint8) for t in (a[k], b[k]))
+        assert a[k].dtype == b[k].dtype and torch.equal(raw_a, raw_b), k
     if name == "gpt2-ties-nonpersistent":
         assert loaded.lm_head.weight is loaded.wte.weight
         assert "causal_mask" not in loaded.state_dict()
