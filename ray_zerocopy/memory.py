@@ -25,9 +25,18 @@ def _rollup(pid: int) -> dict[str, int]:
     return out
 
 
-def pss(pid: int | None = None) -> int:
-    """Proportional set size of a process in bytes (0 if it is gone)."""
-    return _rollup(pid or os.getpid()).get("Pss", 0)
+def pss(pid: int | None = None, files: bool = True) -> int:
+    """Proportional set size of a process in bytes (0 if it is gone).
+
+    ``files=False`` leaves out file-backed pages (the interpreter, torch's and Ray's libraries):
+    every process on the machine that maps the same files shares them, so a process's share
+    moves whenever an unrelated process starts or exits. What is left is anonymous memory and
+    shared memory (``/dev/shm``, where Ray's object store keeps the weights).
+    """
+    r = _rollup(pid or os.getpid())
+    if files or "Pss_Anon" not in r:  # Pss_Anon and Pss_Shmem: Linux 5.9 and later
+        return r.get("Pss", 0)
+    return r["Pss_Anon"] + r.get("Pss_Shmem", 0)
 
 
 def uss(pid: int | None = None) -> int:
@@ -45,10 +54,40 @@ _RAY_MARKERS = ("raylet", "gcs_server", "plasma_store", "default_worker.py", "ra
                 "dashboard", "log_monitor.py", "monitor.py", "runtime_env/agent")
 
 
-def ray_node_pids(include_self: bool = True) -> list[int]:
-    """PIDs of this machine's Ray processes (raylet, GCS, workers, ...), and this process."""
+def _descendants(root: int) -> set[int]:
+    """``root`` and every process below it in the process tree."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the command name may hold spaces
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = {root}, [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def ray_node_pids(include_self: bool = True, root: int | None = None) -> list[int]:
+    """PIDs of this machine's Ray processes (raylet, GCS, workers, ...), and this process.
+
+    Args:
+        include_self: count this process too.
+        root: only processes below this PID in the process tree. A driver that started Ray with
+            ``ray.init()`` is the ancestor of its node's raylet, GCS and workers: pass
+            ``os.getpid()`` there to leave out other Ray instances on the same machine.
+    """
     pids = []
     me = os.getpid()
+    tree = _descendants(root) if root is not None else None
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -56,6 +95,8 @@ def ray_node_pids(include_self: bool = True) -> list[int]:
         if pid == me:
             if include_self:
                 pids.append(pid)
+            continue
+        if tree is not None and pid not in tree:
             continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -67,9 +108,10 @@ def ray_node_pids(include_self: bool = True) -> list[int]:
     return pids
 
 
-def node_pss(include_self: bool = True) -> int:
-    """PSS summed over the node's Ray processes (and this one), in bytes."""
-    return sum(pss(p) for p in ray_node_pids(include_self))
+def node_pss(include_self: bool = True, root: int | None = None, files: bool = True) -> int:
+    """PSS summed over the node's Ray processes (and this one), in bytes; ``root`` as in
+    :func:`ray_node_pids`, ``files`` as in :func:`pss`."""
+    return sum(pss(p, files) for p in ray_node_pids(include_self, root))
 
 
 def object_store_bytes() -> int:
