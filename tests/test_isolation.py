@@ -102,7 +102,8 @@ class NetPipeline:
         return {"pid": os.getpid(), "entries": len(entries),
                 "taken": sum(e.taken for e in entries),
                 "rebuilt": sum(e.rebuilt for e in entries),
-                "gc_enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
+                "gc_enabled": gc.isenabled(), "frozen": gc.get_freeze_count(),
+                "graveyard": len(_worker._graveyard)}
 
 
 CHANGES = ["attribute", "append", "submodule", "train", "hook", "tensor"]
@@ -138,9 +139,12 @@ def test_task_wrapper_no_state_between_calls(ray_session, pause):
 def test_task_wrapper_remote_calls_in_parallel_are_isolated(ray_session):
     p = NetPipeline()
     wrapped = rzc.TaskWrapper(p)
-    refs = [wrapped.mutate.remote(how) for how in CHANGES * 3]
+    refs = [wrapped.mutate.remote(how) for how in CHANGES * 5]
     for before in ray_session.get(refs):
         assert _pristine(before) and before["history"] == [], before
+    # Tasks queued on a worker run back to back: used pipelines must not pile up there.
+    report = wrapped.worker_report(wrapped.object_ref.hex())
+    assert report["graveyard"] <= 1, report
 
 
 @pytest.mark.parametrize("standalone", [True, False], ids=["bare-module", "pipeline"])
@@ -218,6 +222,18 @@ def test_call_fresh_new_pipeline_each_call_and_spare_failure(ray_session, monkey
         time.sleep(0.3)
         assert torch.equal(_worker.call_fresh(ref, fn, x), a)
     assert len({id(q) for q in seen}) == len(seen) == 5
+    seen.clear()
+
+    # Calls back to back, faster than the builder keeps up: used pipelines do not pile up.
+    def slow_on_builder(skeleton, loaded):
+        if threading.current_thread().name == "ray_zerocopy-spare":
+            time.sleep(0.05)
+        return real(skeleton, loaded)
+
+    monkeypatch.setattr(_worker, "rebuild", slow_on_builder)
+    for _ in range(20):
+        assert torch.equal(_worker.call_fresh(ref, lambda p, x: p(x), x), a)
+        assert len(_worker._graveyard) <= 1
 
 
 # --------------------------------------------------------------------------- published API
