@@ -72,7 +72,7 @@ int zc__fail(int code, char *msg, size_t msg_cap, const char *fmt, ...) {
     if (msg && msg_cap > 0) {
         va_list ap;
         va_start(ap, fmt);
-        vsnprintf(msg, msg_cap, fmt, ap);
+        (void)vsnprintf(msg, msg_cap, fmt, ap); /* truncation is fine: msg_cap bounds it */
         va_end(ap);
     }
     return code;
@@ -84,7 +84,7 @@ void zc__quote_name(char *dst, size_t cap, const char *name, size_t name_len) {
     if (cap == 0) return;
     for (size_t i = 0; i < name_len && i < max && n + 1 < cap; i++) {
         unsigned char c = (unsigned char)name[i];
-        dst[n++] = (c < 0x20 || c == 0x7f || c == '\'' || c == '\\') ? '?' : (char)c;
+        dst[n++] = (char)((c < 0x20 || c == 0x7f || c == '\'' || c == '\\') ? '?' : c);
     }
     if (name_len > max) {
         for (int k = 0; k < 3 && n + 1 < cap; k++) dst[n++] = '.';

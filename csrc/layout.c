@@ -142,15 +142,15 @@ static void write_meta(unsigned char *a, const zc_plan_t *plan, const uint64_t *
     for (uint32_t i = 0; i < plan->n_storages; i++) {
         uint64_t end = storage_offsets[i] + storage_sizes[i];
         uint64_t next = i + 1 < plan->n_storages ? storage_offsets[i + 1] : plan->data_size;
-        zc__wr64(st + 16u * i, storage_offsets[i]);
-        zc__wr64(st + 16u * i + 8, storage_sizes[i]);
+        zc__wr64(st + (size_t)16 * i, storage_offsets[i]);
+        zc__wr64(st + (size_t)16 * i + 8, storage_sizes[i]);
         if (with_data) memset(data + end, 0, (size_t)(next - end));
     }
     if (with_data && plan->n_storages == 0) memset(data, 0, (size_t)plan->data_size);
 
     for (uint32_t i = 0; i < plan->n_tensors; i++) {
         const zc_tensor_desc *t = &tensors[i];
-        unsigned char *e = tt + 32u * i;
+        unsigned char *e = tt + (size_t)32 * i;
         zc__wr32(e + ZC__T_NAME_OFFSET, name_off);
         zc__wr32(e + ZC__T_NAME_LEN, t->name_len);
         zc__wr32(e + ZC__T_STORAGE_INDEX, t->storage_index);

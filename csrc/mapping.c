@@ -353,7 +353,7 @@ static void on_fault(int sig, siginfo_t *si, void *uctx) {
     } else if (prev->sa_handler == SIG_DFL || prev->sa_handler == SIG_IGN) {
         restore_previous();
         /* A fault re-raises itself on return; a signal sent by kill() must be raised again. */
-        if (!from_kernel && prev->sa_handler == SIG_DFL) raise(sig);
+        if (!from_kernel && prev->sa_handler == SIG_DFL) (void)raise(sig);
     } else {
         prev->sa_handler(sig);
     }

@@ -22,7 +22,7 @@ __attribute__((format(printf, 5, 6))) static int tensor_fail(const zc__tensor_fi
     if (n >= 0 && (size_t)n < msg_cap) {
         va_list ap;
         va_start(ap, fmt);
-        vsnprintf(msg + n, msg_cap - (size_t)n, fmt, ap);
+        (void)vsnprintf(msg + n, msg_cap - (size_t)n, fmt, ap);
         va_end(ap);
     }
     return code;
@@ -87,7 +87,7 @@ int zc__check_tensor(const zc__tensor_fields *t, uint32_t n_storages, const uint
 }
 
 static int64_t arena_dim(const void *dims, unsigned i) {
-    return (int64_t)zc__rd64((const unsigned char *)dims + 8u * i);
+    return (int64_t)zc__rd64((const unsigned char *)dims + (size_t)8 * i);
 }
 
 /* Offsets of the four manifest tables, from a header that validated. */
@@ -266,9 +266,9 @@ int zc_validate(const void *buf, size_t size, zc_arena_info *info, char *msg, si
         if (dims_idx != dims_run)
             return tensor_fail(&f, ZC_EMANIFEST, msg, msg_cap,
                                "dims_index %u is not where the previous dims end (%u)", dims_idx, dims_run);
-        if ((uint64_t)dims_idx + 2u * f.ndim > nd)
+        if ((uint64_t)dims_idx + (uint64_t)2 * f.ndim > nd)
             return tensor_fail(&f, ZC_EMANIFEST, msg, msg_cap, "dims [%u, %llu) extend past the dims table (%u values)",
-                               dims_idx, LLU((uint64_t)dims_idx + 2u * f.ndim), nd);
+                               dims_idx, LLU((uint64_t)dims_idx + (uint64_t)2 * f.ndim), nd);
         dims_run += 2u * f.ndim;
         rc = zc__check_tensor(&f, ns, NULL, a + tb.storages, &start, &extent, msg, msg_cap);
         if (rc) return rc;
@@ -337,12 +337,12 @@ int zc_get_tensor(const void *buf, size_t size, uint32_t i, zc_tensor_info *out)
 
 int64_t zc_dim(const zc_tensor_info *t, unsigned i) {
     if (!t || i >= 2u * t->ndim) return 0;
-    return (int64_t)zc__rd64(t->dims + 8u * i);
+    return (int64_t)zc__rd64(t->dims + (size_t)8 * i);
 }
 
 int zc_verify_data(const void *buf, size_t size, int nthreads) {
     const unsigned char *a = (const unsigned char *)buf;
-    zc_arena_info info;
+    zc_arena_info info = {0};
     int rc = zc_validate(buf, size, &info, NULL, 0);
     if (rc) return rc;
     if (info.flags & ZC_FLAG_NO_DATA_CRC) return ZC_ENODATACRC;

@@ -168,7 +168,7 @@ static int parse_tensor(PyObject *item, Py_ssize_t i, zc_tensor_desc *d, int64_t
     if (!name) return -1;
     if (name_len > ZC_MAX_NAME) {
         char msg[MSG_CAP];
-        snprintf(msg, sizeof msg, "tensor %zd ('%.96s...'): name_len %zd exceeds the limit of %u", i, name, name_len,
+        (void)snprintf(msg, sizeof msg, "tensor %zd ('%.96s...'): name_len %zd exceeds the limit of %u", i, name, name_len,
                  ZC_MAX_NAME);
         raise_code(ZC_ETOOBIG, msg);
         return -1;
@@ -198,7 +198,7 @@ static int parse_tensor(PyObject *item, Py_ssize_t i, zc_tensor_desc *d, int64_t
     }
     if (ndim > (Py_ssize_t)ZC_MAX_NDIM) {
         char msg[MSG_CAP];
-        snprintf(msg, sizeof msg, "tensor %zd ('%.96s'): ndim %zd exceeds the limit of %u", i, name, ndim,
+        (void)snprintf(msg, sizeof msg, "tensor %zd ('%.96s'): ndim %zd exceeds the limit of %u", i, name, ndim,
                  ZC_MAX_NDIM);
         raise_code(ZC_ETOOBIG, msg);
         goto cleanup;
@@ -514,7 +514,7 @@ static PyObject *arena_dict(const void *buf, size_t size, const zc_arena_info *i
             char msg[MSG_CAP];
             if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) goto fail;
             PyErr_Clear();
-            snprintf(msg, sizeof msg, "tensor %u: name is not valid UTF-8", i);
+            (void)snprintf(msg, sizeof msg, "tensor %u: name is not valid UTF-8", i);
             raise_code(ZC_EMANIFEST, msg);
             goto fail;
         }
@@ -581,7 +581,7 @@ static PyObject *py_verify_data(PyObject *self, PyObject *args, PyObject *kw) {
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
     if (crc != info.data_crc) {
-        snprintf(msg, sizeof msg, "data: data_crc 0x%08x does not match the data region (computed 0x%08x)",
+        (void)snprintf(msg, sizeof msg, "data: data_crc 0x%08x does not match the data region (computed 0x%08x)",
                  info.data_crc, crc);
         return raise_code(ZC_ECHECKSUM, msg);
     }
