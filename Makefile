@@ -13,7 +13,8 @@ FUZZ_SECONDS ?= 60
 
 CSRC := $(wildcard csrc/*.c csrc/*.h csrc/ext/*.c include/zerocopy/*.h) CMakeLists.txt pyproject.toml
 
-.PHONY: all setup build demo test test-c test-c-asan test-fuzz test-py bench bench-quick fuzz gpu-check clean
+.PHONY: all setup build demo test test-c test-c-asan test-fuzz test-py bench bench-quick fuzz gpu-check clean \
+	dist test-dist lint lint-c
 
 all: build
 
@@ -40,7 +41,7 @@ build: $(VENV)/.built
 demo: build
 	$(BIN)/python -m ray_zerocopy demo
 
-test: test-c test-c-asan test-fuzz test-py
+test: test-c test-c-asan test-fuzz test-py test-dist
 
 # libFuzzer under ASan+UBSan for a bounded time (FUZZ_CI_SECONDS). Needs clang; it is installed
 # with apt when missing. If neither works, say so and go on: the corpus and 20,000 mutations of it
@@ -63,6 +64,35 @@ test-c-asan: setup
 
 test-py: build
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Wheel and sdist into $(DIST): pyproject-build makes the sdist, then the wheel from the unpacked
+# sdist (the console script: `python -m build` would import the build/ folder here instead);
+# auditwheel tags the wheel manylinux (it links libc only; the tag follows the glibc it was built
+# against: manylinux_2_34 on Debian 12).
+DIST ?= dist
+dist: setup
+	rm -rf $(DIST)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pyproject-build --no-isolation --outdir $(DIST)/raw .
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/auditwheel repair -w $(DIST) $(DIST)/raw/*.whl
+	mv $(DIST)/raw/*.tar.gz $(DIST)/ && rm -rf $(DIST)/raw
+
+# The wheel in a fresh venv with no compiler on PATH, then the sdist built from source by pip;
+# both run .ci/smoke.py (import, py.typed, pack/unpack, one TaskWrapper call).
+test-dist: dist
+	PYTHON=$(PYTHON) TORCH_SPEC='$(TORCH_SPEC)' bash .ci/dist_smoke.sh $(DIST) build/smoke-venv
+
+# Static checks: ruff (lint and format) and mypy over the package; clang-tidy over csrc/ with
+# the checks .clang-tidy lists and justifies (installed with apt when missing).
+lint: setup
+	$(BIN)/ruff check ray_zerocopy
+	$(BIN)/ruff format --check ray_zerocopy
+	$(BIN)/mypy
+
+lint-c: setup
+	command -v clang-tidy >/dev/null || (apt-get update -qq && apt-get install -y -qq clang-tidy)
+	PATH=$(abspath $(BIN)):$$PATH cmake -S . -B build/tidy -G Ninja -DSKBUILD=ON -DZC_BUILD_TESTS=OFF \
+		-DPython_EXECUTABLE=$(abspath $(BIN))/python -DCMAKE_EXPORT_COMPILE_COMMANDS=ON >/dev/null
+	clang-tidy -p build/tidy --quiet $(wildcard csrc/*.c csrc/ext/*.c)
 
 # Benchmarks (never part of `make test`). The published ray-zerocopy has our import name, so it
 # gets its own venv, bench-venv/ (git-ignored), with the same torch (TORCH_SPEC, never CUDA).
