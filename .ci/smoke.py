@@ -18,8 +18,10 @@ import ray_zerocopy as rzc
 
 here = os.path.dirname(os.path.abspath(rzc.__file__))
 assert "site-packages" in here, f"imported from {here}, not from the installed package"
-assert metadata.version("ray_zerocopy") == rzc.__version__, (metadata.version("ray_zerocopy"),
-                                                             rzc.__version__)
+assert metadata.version("ray_zerocopy") == rzc.__version__, (
+    metadata.version("ray_zerocopy"),
+    rzc.__version__,
+)
 assert (resources.files("ray_zerocopy") / "py.typed").is_file(), "py.typed is missing"
 
 torch.manual_seed(0)
@@ -34,12 +36,19 @@ with torch.inference_mode():
 
 import ray  # noqa: E402
 
-ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 << 20,
-         configure_logging=False, log_to_driver=False)
+ray.init(
+    num_cpus=1,
+    include_dashboard=False,
+    object_store_memory=100 << 20,
+    configure_logging=False,
+    log_to_driver=False,
+)
 try:
     with torch.inference_mode():
         assert torch.equal(rzc.TaskWrapper(model)(x), want), "TaskWrapper changed the outputs"
 finally:
     ray.shutdown()
-print(f"smoke: ray_zerocopy {rzc.__version__} from {here}: pack/unpack and TaskWrapper OK "
-      f"(python {sys.version.split()[0]}, torch {torch.__version__}, ray {ray.__version__})")
+print(
+    f"smoke: ray_zerocopy {rzc.__version__} from {here}: pack/unpack and TaskWrapper OK "
+    f"(python {sys.version.split()[0]}, torch {torch.__version__}, ray {ray.__version__})"
+)

@@ -40,21 +40,25 @@ class _Pickled:
 
 def _in_band() -> bool:
     try:
-        ctx = ray._private.worker.global_worker.get_serialization_context()
+        ctx = _global_worker().get_serialization_context()
         return bool(ctx.is_in_band_serialization())
     except Exception:  # not connected, or a Ray without the notion: leave the ref to Ray
         return True
 
 
+def _global_worker() -> Any:  # Ray's private worker object (untyped attributes)
+    return ray._private.worker.global_worker
+
+
 def _worker_key() -> Any:
-    w = ray._private.worker.global_worker
+    w = _global_worker()
     return (getattr(getattr(w, "node", None), "session_name", None), w.worker_id)
 
 
 def _local_refs(ref: Any) -> int | None:
     """This process's local reference count of ``ref`` (None if Ray does not say)."""
     try:
-        counts = ray._private.worker.global_worker.core_worker.get_all_reference_counts()
+        counts = _global_worker().core_worker.get_all_reference_counts()
     except Exception:
         return None
     key = ref.hex()
@@ -99,7 +103,7 @@ def release(holder: object) -> None:
     try:
         if not ray.is_initialized() or _worker_key() != key:
             return  # Ray was shut down (and maybe started again): those pins went with it
-        core_worker = ray._private.worker.global_worker.core_worker
+        core_worker = _global_worker().core_worker
         for _ in range(pins):
             core_worker.remove_object_ref_reference(ref)
     except Exception:  # interpreter shutdown: nothing left to free
