@@ -150,7 +150,11 @@ int zc_file_validate(const void *buf, size_t size, zc_file_info *info, char *msg
     int rc;
 
     if (msg && msg_cap) msg[0] = '\0';
+    memset(&f, 0, sizeof f);
     if (!buf && size) return zc__fail(ZC_EINVAL, msg, msg_cap, "buffer is NULL");
+    if (!buf)
+        return zc__fail(ZC_ETRUNCATED, msg, msg_cap, "file is 0 bytes, shorter than the %u-byte header",
+                        ZC_FILE_HEADER_SIZE);
     rc = validate_file_header(h, size, &f, msg, msg_cap);
     if (rc) return rc;
 

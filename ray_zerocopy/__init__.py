@@ -56,9 +56,14 @@ __all__ = [
     "ZeroCopyWarning",
 ]
 
-_RAY_NAMES = {"TaskWrapper": "wrappers", "ActorWrapper": "wrappers", "ModelWrapper": "wrappers",
-              "JITTaskWrapper": "jit_wrappers", "JITActorWrapper": "jit_wrappers",
-              "JITModelWrapper": "jit_wrappers"}
+_RAY_NAMES = {
+    "TaskWrapper": "wrappers",
+    "ActorWrapper": "wrappers",
+    "ModelWrapper": "wrappers",
+    "JITTaskWrapper": "jit_wrappers",
+    "JITActorWrapper": "jit_wrappers",
+    "JITModelWrapper": "jit_wrappers",
+}
 
 
 def __getattr__(name: str):

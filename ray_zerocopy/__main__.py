@@ -78,6 +78,8 @@ def _mib(n: float) -> str:
 
 def demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import logging
+
     import numpy as np
     import ray
     import torch
@@ -86,8 +88,6 @@ def demo(args: argparse.Namespace) -> int:
     from .memory import node_pss
     from .pack import find_modules
 
-    import logging
-
     torch.set_num_threads(1)
     ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -95,9 +95,11 @@ def demo(args: argparse.Namespace) -> int:
     try:
         pipeline = _gpt2(args.size)
         model_bytes = sum(p.numel() * p.element_size() for p in pipeline.model.parameters())
-        print(f"model: GPT-2-shaped '{args.size}', {len(list(find_modules(pipeline)))} modules, "
-              f"{sum(p.numel() for p in pipeline.model.parameters()) / 1e6:.1f}M parameters, "
-              f"{_mib(model_bytes)} (tied lm_head/wte stored once)")
+        print(
+            f"model: GPT-2-shaped '{args.size}', {len(list(find_modules(pipeline)))} modules, "
+            f"{sum(p.numel() for p in pipeline.model.parameters()) / 1e6:.1f}M parameters, "
+            f"{_mib(model_bytes)} (tied lm_head/wte stored once)"
+        )
 
         idx = torch.randint(0, 1000, (2, 16))
         local = pipeline(idx)
@@ -112,9 +114,11 @@ def demo(args: argparse.Namespace) -> int:
         outs = ray.get(refs)
         par = time.perf_counter() - t0
         ok = torch.equal(out, local) and all(torch.equal(o, local) for o in outs)
-        print(f"  wrapped(idx) -> {out.tolist()} (first call {first * 1e3:.0f} ms, starting a "
-              f"worker process included; "
-              f"4 parallel calls {par * 1e3:.0f} ms); equal to local: {ok}")
+        print(
+            f"  wrapped(idx) -> {out.tolist()} (first call {first * 1e3:.0f} ms, starting a "
+            f"worker process included; "
+            f"4 parallel calls {par * 1e3:.0f} ms); equal to local: {ok}"
+        )
 
         @ray.remote(num_cpus=0)
         class Holder:
@@ -145,14 +149,21 @@ def demo(args: argparse.Namespace) -> int:
             return ray.get([a.load_shared.remote(w) for a in actors])
 
         grown, res = node_growth(shared)
-        print(f"ActorWrapper, 2 actors: load in the actor {', '.join(f'{r[1] * 1e3:.1f} ms' for r in res)}; "
-              f"node memory (PSS over Ray's processes) grew {_mib(grown)} "
-              f"(= {grown / model_bytes:.2f} models, the object in the store included)")
+        print(
+            "ActorWrapper, 2 actors: load in the actor "
+            f"{', '.join(f'{r[1] * 1e3:.1f} ms' for r in res)}; "
+            f"node memory (PSS over Ray's processes) grew {_mib(grown)} "
+            f"(= {grown / model_bytes:.2f} models, the object in the store included)"
+        )
         grown_plain, res = node_growth(
-            lambda actors: ray.get([a.load_copy.remote([ray.put(pipeline)]) for a in actors]))
-        print(f"plain ray.put(pipeline), 2 actors: ray.get in the actor "
-              f"{', '.join(f'{r[1] * 1e3:.1f} ms' for r in res)}; node memory grew "
-              f"{_mib(grown_plain)} (= {grown_plain / model_bytes:.2f} models, the object in the store included)")
+            lambda actors: ray.get([a.load_copy.remote([ray.put(pipeline)]) for a in actors])
+        )
+        print(
+            f"plain ray.put(pipeline), 2 actors: ray.get in the actor "
+            f"{', '.join(f'{r[1] * 1e3:.1f} ms' for r in res)}; node memory grew "
+            f"{_mib(grown_plain)} (= {grown_plain / model_bytes:.2f} models, "
+            "the object in the store included)"
+        )
         aw = ActorWrapper(pipeline)
 
         class InferenceActor:
@@ -165,12 +176,18 @@ def demo(args: argparse.Namespace) -> int:
         rows = args.rows
         ds = ray.data.from_items([{"tokens": np.random.randint(0, 1000, 16)} for _ in range(rows)])
         t0 = time.perf_counter()
-        result = ds.map_batches(InferenceActor, fn_constructor_kwargs={"actor_wrapper": aw},
-                                compute=ray.data.ActorPoolStrategy(size=2), batch_size=16,
-                                num_cpus=0.5).take_all()
+        result = ds.map_batches(
+            InferenceActor,
+            fn_constructor_kwargs={"actor_wrapper": aw},
+            compute=ray.data.ActorPoolStrategy(size=2),
+            batch_size=16,
+            num_cpus=0.5,
+        ).take_all()
         dt = time.perf_counter() - t0
-        print(f"Ray Data map_batches, 2 actors sharing the weights: {len(result)} rows in "
-              f"{dt:.2f} s ({len(result) / dt:.0f} rows/s); first: {result[0]['next']}")
+        print(
+            f"Ray Data map_batches, 2 actors sharing the weights: {len(result)} rows in "
+            f"{dt:.2f} s ({len(result) / dt:.0f} rows/s); first: {result[0]['next']}"
+        )
         return 0 if ok and len(result) == rows else 1
     finally:
         ray.shutdown()
@@ -202,23 +219,35 @@ def inspect_cmd(args: argparse.Namespace) -> int:
         print(f"{where}invalid: {exc}" if where else f"invalid: {exc}", file=sys.stderr)
         return 1
     if fi is not None:
-        print(f"{args.file}: arena file v{fi['version']}, {fi['file_size']:,} bytes; pipeline "
-              f"{af.meta.get('module', '?')}.{af.meta.get('class', '?')}, skeleton "
-              f"{fi['skeleton_size']:,} bytes (a pickle: trusted input only), arena at "
-              f"{fi['arena_offset']:,}")
-        methods = [m for m in af.meta.get("methods", ()) if m == "__call__" or m in _own_methods(af)]
+        print(
+            f"{args.file}: arena file v{fi['version']}, {fi['file_size']:,} bytes; pipeline "
+            f"{af.meta.get('module', '?')}.{af.meta.get('class', '?')}, skeleton "
+            f"{fi['skeleton_size']:,} bytes (a pickle: trusted input only), arena at "
+            f"{fi['arena_offset']:,}"
+        )
+        methods = [
+            m for m in af.meta.get("methods", ()) if m == "__call__" or m in _own_methods(af)
+        ]
         if methods:
             print(f"  methods: {', '.join(methods)}")
-    crc = ("data CRC32C ok" if args.verify else
-           "no data CRC32C" if info["flags"] & _zc.FLAG_NO_DATA_CRC else
-           f"data CRC32C {info['data_crc']:#010x} (check with --verify)")
-    print(f"{'  ' if fi else args.file + ': '}arena v{info['version']}, {len(info['storages'])} "
-          f"storages, {len(info['tensors'])} tensors, data {info['data_size']:,} bytes at "
-          f"{info['data_offset']:,}; {crc}")
+    crc = (
+        "data CRC32C ok"
+        if args.verify
+        else "no data CRC32C"
+        if info["flags"] & _zc.FLAG_NO_DATA_CRC
+        else f"data CRC32C {info['data_crc']:#010x} (check with --verify)"
+    )
+    print(
+        f"{'  ' if fi else args.file + ': '}arena v{info['version']}, {len(info['storages'])} "
+        f"storages, {len(info['tensors'])} tensors, data {info['data_size']:,} bytes at "
+        f"{info['data_offset']:,}; {crc}"
+    )
     for t in info["tensors"][: args.limit]:
         name, sidx, dt, shape, stride, soff, kind, flags, boff = t
-        print(f"  {name:50s} {_zc.dtype_name(dt):10s} {list(shape)} stride {list(stride)} "
-              f"storage {sidx}+{soff}")
+        print(
+            f"  {name:50s} {_zc.dtype_name(dt):10s} {list(shape)} stride {list(stride)} "
+            f"storage {sidx}+{soff}"
+        )
     if len(info["tensors"]) > args.limit:
         print(f"  ... {len(info['tensors']) - args.limit} more (--limit)")
     return 0
@@ -232,8 +261,11 @@ def _own_methods(af) -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ray_zerocopy", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m ray_zerocopy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run the main job on a local Ray")
     d.add_argument("--size", choices=["tiny", "small", "gpt2"], default="small")

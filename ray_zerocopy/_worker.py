@@ -52,8 +52,7 @@ _last_end = 0.0  # time.monotonic() when the last of them ended
 class _Entry:
     """One mapped arena in this process's cache, and at most one spare pipeline over it."""
 
-    __slots__ = ("skeleton", "loaded", "last_used", "spare", "state", "cached", "taken",
-                 "rebuilt")
+    __slots__ = ("skeleton", "loaded", "last_used", "spare", "state", "cached", "taken", "rebuilt")
 
     def __init__(self, skeleton: bytes, loaded: LoadedArena, now: float):
         self.skeleton = skeleton
@@ -91,35 +90,56 @@ def fetch(ref: ray.ObjectRef) -> tuple[bytes, Any]:
     except ray.exceptions.ObjectLostError as exc:
         raise OwnerDiedError(
             f"the weights of this wrapper were lost from the object store ({type(exc).__name__}); "
-            "wrap the pipeline again") from exc
+            "wrap the pipeline again"
+        ) from exc
     return skeleton, arena
 
 
-def load_arena(ref: ray.ObjectRef, *, device: Any, fast_load: bool, protect: bool,
-               writable: bool) -> tuple[bytes, LoadedArena]:
+def load_arena(
+    ref: ray.ObjectRef, *, device: Any, fast_load: bool, protect: bool, writable: bool
+) -> tuple[bytes, LoadedArena]:
     """Maps the arena of ``ref`` (no copy) and returns (skeleton, views)."""
     skeleton, arena = fetch(ref)
-    loaded = LoadedArena(arena, device=device, fast_load=fast_load,
-                         protect=protect and not writable, writable=writable)
+    loaded = LoadedArena(
+        arena,
+        device=device,
+        fast_load=fast_load,
+        protect=protect and not writable,
+        writable=writable,
+    )
     return skeleton, loaded
 
 
-def load_pipeline(ref: ray.ObjectRef, *, device: Any = None, fast_load: bool = False,
-                  protect: bool = True, writable: bool = False, cache: bool = True) -> Any:
+def load_pipeline(
+    ref: ray.ObjectRef,
+    *,
+    device: Any = None,
+    fast_load: bool = False,
+    protect: bool = True,
+    writable: bool = False,
+    cache: bool = True,
+) -> Any:
     """Returns a fresh pipeline over the (cached) mapped arena of ``ref``.
 
     Every call returns a pipeline no one has used before (the spare if one is ready, else a
     new unpickle), so no state survives between calls; only the read-only views are shared.
     """
     if not cache or writable:  # a private copy is per call: it may be written to
-        skeleton, loaded = load_arena(ref, device=device, fast_load=fast_load,
-                                      protect=protect, writable=writable)
+        skeleton, loaded = load_arena(
+            ref, device=device, fast_load=fast_load, protect=protect, writable=writable
+        )
         return rebuild(skeleton, loaded)
     return _take(_entry(ref, device, fast_load, protect))
 
 
-def call_fresh(ref: ray.ObjectRef, fn: Callable[..., Any], *args: Any, device: Any = None,
-               fast_load: bool = False, writable: bool = False) -> Any:
+def call_fresh(
+    ref: ray.ObjectRef,
+    fn: Callable[..., Any],
+    *args: Any,
+    device: Any = None,
+    fast_load: bool = False,
+    writable: bool = False,
+) -> Any:
     """Returns ``fn(pipeline, *args)`` for one task call, on a pipeline nobody has used before.
 
     The pipeline is the arena's spare if one is ready (no unpickle on the critical path), else
@@ -167,8 +187,9 @@ def _entry(ref: ray.ObjectRef, device: Any, fast_load: bool, protect: bool) -> _
             _cache.move_to_end(key)
             hit.last_used = now
             return hit
-    skeleton, loaded = load_arena(ref, device=device, fast_load=fast_load, protect=protect,
-                                  writable=False)
+    skeleton, loaded = load_arena(
+        ref, device=device, fast_load=fast_load, protect=protect, writable=False
+    )
     entry = _Entry(skeleton, loaded, now)
     with _lock:
         old = _cache.get(key)
@@ -226,8 +247,7 @@ def _start_builder() -> None:
     with _lock:
         if _builder is not None:
             return
-        _builder = threading.Thread(target=_builder_loop, name="ray_zerocopy-spare",
-                                    daemon=True)
+        _builder = threading.Thread(target=_builder_loop, name="ray_zerocopy-spare", daemon=True)
     _builder.start()
 
 
@@ -270,8 +290,7 @@ def _start_janitor() -> None:
     with _lock:
         if _janitor is not None or CACHE_TTL <= 0:
             return
-        _janitor = threading.Thread(target=_janitor_loop, name="ray_zerocopy-cache",
-                                    daemon=True)
+        _janitor = threading.Thread(target=_janitor_loop, name="ray_zerocopy-cache", daemon=True)
     _janitor.start()
 
 

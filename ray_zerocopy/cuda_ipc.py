@@ -45,8 +45,9 @@ class DeviceCopy:
         info = _zc.parse(mapping)
         self.info = {k: info[k] for k in ("data_offset", "data_size", "manifest_crc")}
         self.tensors = info["tensors"]
-        self.buffer = upload(mapping, info["data_offset"], info["data_size"], self.device,
-                             fast=fast_load)
+        self.buffer = upload(
+            mapping, info["data_offset"], info["data_size"], self.device, fast=fast_load
+        )
         del mapping
 
     def handle(self) -> tuple:
@@ -66,8 +67,10 @@ def open_views(handle: tuple) -> list[torch.Tensor]:
     (parameters as ``nn.Parameter``), in manifest order, all inside the holder's allocation."""
     (rebuild_fn, args), info, tensors = handle
     views = device_views(rebuild_fn(*args), tensors, info["data_offset"])
-    return [nn.Parameter(v, requires_grad=False) if e[6] == _zc.KIND_PARAMETER else v
-            for v, e in zip(views, tensors)]
+    return [
+        nn.Parameter(v, requires_grad=False) if e[6] == _zc.KIND_PARAMETER else v
+        for v, e in zip(views, tensors)
+    ]
 
 
 def _consumer(handle, q, n_tensors):  # pragma: no cover - runs in a child process
@@ -126,8 +129,10 @@ def measure_shared_copy(gib: float = 2.0, consumers: int = 4) -> dict:
                 if dead or time.monotonic() > deadline:
                     for p in procs:
                         p.kill()
-                    raise RuntimeError(f"CUDA IPC measurement: {len(reports)}/{len(procs)} child "
-                                       f"processes reported; died (pid, exit code): {dead}")
+                    raise RuntimeError(
+                        f"CUDA IPC measurement: {len(reports)}/{len(procs)} child "
+                        f"processes reported; died (pid, exit code): {dead}"
+                    ) from None
         return reports
 
     def run(target, args_for) -> tuple[int, list]:
@@ -173,13 +178,17 @@ def measure_shared_copy(gib: float = 2.0, consumers: int = 4) -> dict:
     private = private_used - base2 - contexts
     os.unlink(path)
     g = 2**30
-    return {"consumers": consumers, "model_GiB": round(arena.nbytes / g, 3),
-            "contexts_GiB": round(contexts / g, 3),
-            "shared_copy_weights_GiB": round(shared / g, 3),
-            "private_copies_weights_GiB": round(private / g, 3),
-            "shared_over_model": round(shared / arena.nbytes, 3),
-            "private_over_model": round(private / arena.nbytes, 3),
-            "consumer_allocator_bytes": consumer_alloc, "views_ok": ok}
+    return {
+        "consumers": consumers,
+        "model_GiB": round(arena.nbytes / g, 3),
+        "contexts_GiB": round(contexts / g, 3),
+        "shared_copy_weights_GiB": round(shared / g, 3),
+        "private_copies_weights_GiB": round(private / g, 3),
+        "shared_over_model": round(shared / arena.nbytes, 3),
+        "private_over_model": round(private / arena.nbytes, 3),
+        "consumer_allocator_bytes": consumer_alloc,
+        "views_ok": ok,
+    }
 
 
 def _idle(q):  # pragma: no cover - runs in a child process

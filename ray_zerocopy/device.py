@@ -30,8 +30,18 @@ import torch
 from . import _zc
 from .errors import DeviceError
 
-__all__ = ["resolve_device", "upload", "staged_copy", "StagingDevice", "CudaStaging", "host_pool",
-           "STAGING_CHUNK", "STAGING_BUFFERS", "NT_STORES", "POOL_SPIN_US"]
+__all__ = [
+    "resolve_device",
+    "upload",
+    "staged_copy",
+    "StagingDevice",
+    "CudaStaging",
+    "host_pool",
+    "STAGING_CHUNK",
+    "STAGING_BUFFERS",
+    "NT_STORES",
+    "POOL_SPIN_US",
+]
 
 #: Bytes per pinned staging buffer of the fast path.
 STAGING_CHUNK = int(os.environ.get("RAY_ZEROCOPY_STAGING_CHUNK", 64 << 20))
@@ -63,7 +73,8 @@ def parse_device(device: Any) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise DeviceError(
-            f"device {device!r} is not a valid device: use None, 'cpu', 'cuda' or 'cuda:N'") from exc
+            f"device {device!r} is not a valid device: use None, 'cpu', 'cuda' or 'cuda:N'"
+        ) from exc
     if dev.type not in ("cpu", "cuda"):
         raise DeviceError(f"device {device!r}: only 'cpu' and 'cuda[:N]' are supported")
     return dev
@@ -78,13 +89,17 @@ def resolve_device(device: Any) -> torch.device:
     dev = parse_device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"device {device!r} requested but CUDA is not available in this "
-                              f"process (torch {torch.__version__})")
+            raise DeviceError(
+                f"device {device!r} requested but CUDA is not available in this "
+                f"process (torch {torch.__version__})"
+            )
         n = torch.cuda.device_count()
         idx = 0 if dev.index is None else dev.index
         if idx >= n:
-            raise DeviceError(f"device {device!r} requested but this process sees {n} CUDA "
-                              f"device(s) (cuda:0 .. cuda:{n - 1})")
+            raise DeviceError(
+                f"device {device!r} requested but this process sees {n} CUDA "
+                f"device(s) (cuda:0 .. cuda:{n - 1})"
+            )
         dev = torch.device("cuda", idx)
     return dev
 
@@ -183,7 +198,7 @@ class CudaStaging:
 
     def copy_async(self, dst: torch.Tensor, pos: int, slot: int, n: int) -> None:
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            dst[pos:pos + n].copy_(self.bufs[slot][:n], non_blocking=True)
+            dst[pos : pos + n].copy_(self.bufs[slot][:n], non_blocking=True)
             self.events[slot].record(self.stream)
 
     def wait(self, slot: int) -> None:
@@ -193,16 +208,25 @@ class CudaStaging:
         self.stream.synchronize()
 
 
-def staged_copy(dev: StagingDevice, mapping: Any, offset: int, size: int, *, chunk: int,
-                nbuf: int, host_copy: Any) -> Any:
+def staged_copy(
+    dev: StagingDevice,
+    mapping: Any,
+    offset: int,
+    size: int,
+    *,
+    chunk: int,
+    nbuf: int,
+    host_copy: Any,
+) -> Any:
     """Copies ``size`` bytes at ``offset`` of ``mapping`` to a new allocation of ``dev`` through
     ``nbuf`` staging buffers of ``chunk`` bytes: while the device copies chunk k from one
     buffer, ``host_copy(address, mapping, src_offset, n)`` fills the next buffer with chunk
     k + 1. A buffer is refilled only after :meth:`StagingDevice.wait` says that the copy that
     last read it has finished. Returns the allocation."""
     if chunk <= 0 or nbuf < 2:
-        raise ValueError(f"staging needs chunk > 0 and at least 2 buffers (chunk={chunk}, "
-                         f"buffers={nbuf})")
+        raise ValueError(
+            f"staging needs chunk > 0 and at least 2 buffers (chunk={chunk}, buffers={nbuf})"
+        )
     dst = dev.alloc(size)
     if not size:
         return dst
@@ -225,8 +249,9 @@ def staged_copy(dev: StagingDevice, mapping: Any, offset: int, size: int, *, chu
     return dst
 
 
-def host_copier(nthreads: int = 0, nt: Any = None, pool: str = "pool",
-                spin_us: int | None = None) -> Any:
+def host_copier(
+    nthreads: int = 0, nt: Any = None, pool: str = "pool", spin_us: int | None = None
+) -> Any:
     """The host copy of the staging loop: ``pool`` (the persistent pool, default) or
     ``threads`` (threads started per chunk, the earlier path; kept for the benchmarks)."""
     if pool == "threads":
@@ -234,6 +259,7 @@ def host_copier(nthreads: int = 0, nt: Any = None, pool: str = "pool",
 
         def copy_threads(addr: int, mapping: Any, off: int, n_bytes: int) -> None:
             _zc.copy_to_ptr(addr, mapping, off, n_bytes, n)
+
         return copy_threads
     if pool != "pool":
         raise ValueError(f"unknown host copy {pool!r}: use 'pool' or 'threads'")
@@ -242,13 +268,23 @@ def host_copier(nthreads: int = 0, nt: Any = None, pool: str = "pool",
 
     def copy_pool(addr: int, mapping: Any, off: int, n_bytes: int) -> None:
         p.copy_to_ptr(addr, mapping, off, n_bytes, 0, mode)
+
     return copy_pool
 
 
-def upload_staged(mapping: Any, offset: int, size: int, device: torch.device, *,
-                  chunk: int | None = None, nbuf: int | None = None,
-                  nthreads: int = 0, nt: Any = None, host: str = "pool",
-                  spin_us: int | None = None) -> torch.Tensor:
+def upload_staged(
+    mapping: Any,
+    offset: int,
+    size: int,
+    device: torch.device,
+    *,
+    chunk: int | None = None,
+    nbuf: int | None = None,
+    nthreads: int = 0,
+    nt: Any = None,
+    host: str = "pool",
+    spin_us: int | None = None,
+) -> torch.Tensor:
     """Copies through pinned staging buffers, double (or more) buffered on a CUDA stream.
 
     Args:
@@ -261,8 +297,9 @@ def upload_staged(mapping: Any, offset: int, size: int, device: torch.device, *,
     nbuf = max(2, nbuf or STAGING_BUFFERS)
     copier = host_copier(nthreads, nt, host, spin_us)
     with _staging_lock:
-        return staged_copy(CudaStaging(device), mapping, offset, size, chunk=chunk, nbuf=nbuf,
-                           host_copy=copier)
+        return staged_copy(
+            CudaStaging(device), mapping, offset, size, chunk=chunk, nbuf=nbuf, host_copy=copier
+        )
 
 
 def upload_registered(mapping: Any, offset: int, size: int, device: torch.device) -> torch.Tensor:
@@ -289,8 +326,17 @@ def upload_registered(mapping: Any, offset: int, size: int, device: torch.device
     return dst
 
 
-def upload(mapping: Any, offset: int, size: int, device: torch.device, *, fast: bool = False,
-           nthreads: int = 0, method: str | None = None, **staging: Any) -> torch.Tensor:
+def upload(
+    mapping: Any,
+    offset: int,
+    size: int,
+    device: torch.device,
+    *,
+    fast: bool = False,
+    nthreads: int = 0,
+    method: str | None = None,
+    **staging: Any,
+) -> torch.Tensor:
     """Copies the data region of an arena to ``device``; returns one uint8 device tensor.
 
     Args:

@@ -35,13 +35,21 @@ from typing import Any, Protocol
 
 import ray
 import torch
+
 from . import _zc
 from .device import parse_device, resolve_device, upload
 from .errors import DeviceError, OwnerDiedError, WrapperError
 from .unpack import LoadedArena, device_views, rebuild
 
-__all__ = ["DeviceShare", "DeviceBackend", "CudaBackend", "load_shared", "holder_name",
-           "NAMESPACE", "BACKEND_ENV"]
+__all__ = [
+    "DeviceShare",
+    "DeviceBackend",
+    "CudaBackend",
+    "load_shared",
+    "holder_name",
+    "NAMESPACE",
+    "BACKEND_ENV",
+]
 
 #: The Ray namespace of registries and holders (so that any job can look them up by name).
 NAMESPACE = "ray_zerocopy"
@@ -55,6 +63,7 @@ CACHE_TTL = float(os.environ.get("RAY_ZEROCOPY_CACHE_TTL", "30"))
 
 
 # ---- the seam -------------------------------------------------------------------------------
+
 
 class DeviceBackend(Protocol):
     """What the sharing needs from a device, in four calls. Implementations must be importable
@@ -111,8 +120,10 @@ class CudaBackend:
         kind, physical_id, (rebuild_fn, args) = handle
         mine = _cuda_uuid(device.index or 0)
         if kind != "cuda" or physical_id != mine:
-            raise DeviceError(f"the shared device copy is on GPU {physical_id}, this process's "
-                              f"{device} is GPU {mine}")
+            raise DeviceError(
+                f"the shared device copy is on GPU {physical_id}, this process's "
+                f"{device} is GPU {mine}"
+            )
         # The holder's device index means nothing here: open on this process's index of the GPU.
         names = list(inspect.signature(rebuild_fn).parameters)
         args = list(args)
@@ -125,8 +136,10 @@ def _cuda_uuid(index: int) -> str:
     props = torch.cuda.get_device_properties(index)
     uuid = getattr(props, "uuid", None)
     if uuid is None:  # pragma: no cover - torch before 2.1
-        raise DeviceError("this torch cannot tell the GPU's UUID (torch.cuda device properties "
-                          "have no 'uuid'): share_device_copy needs torch >= 2.1")
+        raise DeviceError(
+            "this torch cannot tell the GPU's UUID (torch.cuda device properties "
+            "have no 'uuid'): share_device_copy needs torch >= 2.1"
+        )
     s = str(uuid)
     return s if s.startswith(("GPU-", "MIG-")) else f"GPU-{s}"
 
@@ -138,8 +151,10 @@ def _cuda_index(physical_id: str) -> int:
         if u == physical_id:
             return i
         seen.append(u)
-    raise DeviceError(f"the holder process cannot see GPU {physical_id}; it sees {seen} "
-                      f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    raise DeviceError(
+        f"the holder process cannot see GPU {physical_id}; it sees {seen} "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+    )
 
 
 def load_backend(spec: str) -> DeviceBackend:
@@ -150,8 +165,10 @@ def load_backend(spec: str) -> DeviceBackend:
         try:
             b = getattr(importlib.import_module(mod), attr)()
         except (ImportError, AttributeError) as exc:
-            raise DeviceError(f"device backend {spec!r} cannot be loaded in this process: "
-                              f"{type(exc).__name__}: {exc}") from exc
+            raise DeviceError(
+                f"device backend {spec!r} cannot be loaded in this process: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         _backends[spec] = b
     return b
 
@@ -160,6 +177,7 @@ _backends: dict[str, Any] = {}
 
 
 # ---- names ------------------------------------------------------------------------------------
+
 
 def holder_name(key: str, physical_id: str) -> str:
     """The Ray actor name of the holder of the weights ``key`` (their object id) on one GPU."""
@@ -171,6 +189,7 @@ def registry_name(key: str) -> str:
 
 
 # ---- actors -----------------------------------------------------------------------------------
+
 
 class _Holder:
     """One device copy of one wrapper's weights on one GPU (a Ray actor)."""
@@ -187,12 +206,19 @@ class _Holder:
         mapping = _zc.Mapping(arena)
         info = _zc.parse(mapping)
         t0 = time.perf_counter()
-        self.allocation, handle = backend.upload(mapping, info["data_offset"], info["data_size"],
-                                                 physical_id)
+        self.allocation, handle = backend.upload(
+            mapping, info["data_offset"], info["data_size"], physical_id
+        )
         self.upload_seconds = time.perf_counter() - t0
         self.nbytes = info["data_size"]
-        self.payload = (handle, physical_id, info["data_offset"], info["manifest_crc"],
-                        info["tensors"], skeleton)
+        self.payload = (
+            handle,
+            physical_id,
+            info["data_offset"],
+            info["manifest_crc"],
+            info["tensors"],
+            skeleton,
+        )
         del mapping, arena  # the host copy is not needed any more
 
     def get(self) -> tuple:
@@ -203,10 +229,14 @@ class _Holder:
 
     def stats(self) -> dict:
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        return {"pid": os.getpid(), "physical_id": self.physical_id, "nbytes": self.nbytes,
-                "upload_seconds": self.upload_seconds,
-                "node_id": ray.get_runtime_context().get_node_id(),
-                "cuda_allocated": torch.cuda.memory_allocated() if cuda else 0}
+        return {
+            "pid": os.getpid(),
+            "physical_id": self.physical_id,
+            "nbytes": self.nbytes,
+            "upload_seconds": self.upload_seconds,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "cuda_allocated": torch.cuda.memory_allocated() if cuda else 0,
+        }
 
 
 class _Registry:
@@ -226,15 +256,21 @@ class _Registry:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             env = load_backend(self.backend_spec).holder_env(physical_id)
-            opts = dict(name=holder_name(self.key, physical_id), namespace=NAMESPACE,
-                        num_cpus=0, num_gpus=0, max_restarts=0,
-                        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-                        runtime_env={"env_vars": env} if env else None)
+            opts = dict(
+                name=holder_name(self.key, physical_id),
+                namespace=NAMESPACE,
+                num_cpus=0,
+                num_gpus=0,
+                max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                runtime_env={"env_vars": env} if env else None,
+            )
             deadline = time.monotonic() + 30
             while True:
                 try:
-                    h = _HolderActor.options(**opts).remote(self.box, physical_id,
-                                                            self.backend_spec)
+                    h = _HolderActor.options(**opts).remote(
+                        self.box, physical_id, self.backend_spec
+                    )
                     break
                 except ValueError:
                     # The name of a holder that just died is released a moment later.
@@ -262,6 +298,7 @@ _RegistryActor = ray.remote(_Registry)
 
 # ---- the driver's handle ----------------------------------------------------------------------
 
+
 class DeviceShare:
     """What a wrapper carries when ``share_device_copy=True``: the registry's handle, the
     weights' ObjectRef and the backend's name. Small and picklable."""
@@ -275,14 +312,14 @@ class DeviceShare:
         self.backend_spec = backend_spec
 
     @classmethod
-    def create(cls, ref: ray.ObjectRef) -> "DeviceShare":
+    def create(cls, ref: ray.ObjectRef) -> DeviceShare:
         """Makes the registry actor of a wrapper's weights (in the wrapping process)."""
         spec = os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND
         key = ref.hex()
         box = [ref]  # in a list: passed as an argument, a bare ObjectRef would be fetched
         registry = _RegistryActor.options(
-            name=registry_name(key), namespace=NAMESPACE, num_cpus=0, num_gpus=0,
-            max_restarts=0).remote(box, key, spec)
+            name=registry_name(key), namespace=NAMESPACE, num_cpus=0, num_gpus=0, max_restarts=0
+        ).remote(box, key, spec)
         return cls(key, box, registry, spec)
 
     def __getstate__(self):
@@ -309,10 +346,12 @@ def _gone(exc: BaseException) -> OwnerDiedError:
     return OwnerDiedError(
         "the shared device copy of this wrapper is gone: the wrapper was dropped or the process "
         f"that made it has exited, which ends the holders of its device copies "
-        f"({type(exc).__name__}); wrap the pipeline again in a live process")
+        f"({type(exc).__name__}); wrap the pipeline again in a live process"
+    )
 
 
 # ---- the consumer's side ----------------------------------------------------------------------
+
 
 class _SharedArena(LoadedArena):
     """Views into a holder's device allocation, in the form :func:`rebuild` takes."""
@@ -379,8 +418,9 @@ def load_shared(share: DeviceShare, device: Any) -> Any:
     return rebuild(lease.skeleton, lease.arena)
 
 
-def _open(share: DeviceShare, backend: DeviceBackend, physical_id: str,
-          local: torch.device) -> _Lease:
+def _open(
+    share: DeviceShare, backend: DeviceBackend, physical_id: str, local: torch.device
+) -> _Lease:
     name = holder_name(share.key, physical_id)
     for attempt in range(3):
         holder = None
@@ -392,19 +432,24 @@ def _open(share: DeviceShare, backend: DeviceBackend, physical_id: str,
         if holder is None:
             try:
                 node = ray.get_runtime_context().get_node_id()
-                holder = ray.get(share.registry.holder.remote(physical_id, node),
-                                 timeout=HOLDER_TIMEOUT)
+                holder = ray.get(
+                    share.registry.holder.remote(physical_id, node), timeout=HOLDER_TIMEOUT
+                )
             except ray.exceptions.RayActorError as exc:
                 raise _gone(exc) from exc
             except ray.exceptions.RayTaskError as exc:
-                raise DeviceError(f"no holder of the shared device copy could be made for GPU "
-                                  f"{physical_id}: {exc}") from exc
+                raise DeviceError(
+                    f"no holder of the shared device copy could be made for GPU "
+                    f"{physical_id}: {exc}"
+                ) from exc
         try:
             payload = ray.get(holder.get.remote(), timeout=HOLDER_TIMEOUT)
         except ray.exceptions.GetTimeoutError as exc:
-            raise DeviceError(f"the holder of the shared device copy on GPU {physical_id} did "
-                              f"not answer in {HOLDER_TIMEOUT:.0f} s "
-                              "(RAY_ZEROCOPY_HOLDER_TIMEOUT)") from exc
+            raise DeviceError(
+                f"the holder of the shared device copy on GPU {physical_id} did "
+                f"not answer in {HOLDER_TIMEOUT:.0f} s "
+                "(RAY_ZEROCOPY_HOLDER_TIMEOUT)"
+            ) from exc
         except ray.exceptions.RayActorError as exc:
             # The holder died (killed, lost, or its upload failed). Let the registry forget
             # it; if the upload failed, say why; otherwise try again with a new holder.
@@ -414,8 +459,10 @@ def _open(share: DeviceShare, backend: DeviceBackend, physical_id: str,
                 raise _gone(exc2) from exc2
             cause = _init_error(exc)
             if cause is not None or attempt == 2:
-                raise DeviceError(f"the holder of the shared device copy on GPU {physical_id} "
-                                  f"failed: {cause or exc}") from exc
+                raise DeviceError(
+                    f"the holder of the shared device copy on GPU {physical_id} "
+                    f"failed: {cause or exc}"
+                ) from exc
             continue
         devbuf = backend.open(payload[0], local)
         return _Lease(_SharedArena(devbuf, payload), payload[5], holder, share.registry)
@@ -434,8 +481,7 @@ def _start_janitor() -> None:
     global _janitor
     if _janitor is not None or CACHE_TTL <= 0:
         return
-    _janitor = threading.Thread(target=_janitor_loop, name="ray_zerocopy-device-share",
-                                daemon=True)
+    _janitor = threading.Thread(target=_janitor_loop, name="ray_zerocopy-device-share", daemon=True)
     _janitor.start()
 
 
@@ -459,8 +505,9 @@ def _sweep(cutoff: float) -> None:
                 del _leases[key]
 
 
-def make_share(ref: ray.ObjectRef | None, device: Any, share_device_copy: bool,
-               writable: bool) -> DeviceShare | None:
+def make_share(
+    ref: ray.ObjectRef | None, device: Any, share_device_copy: bool, writable: bool
+) -> DeviceShare | None:
     """For the wrappers: checks the options of ``share_device_copy=True`` (``ref`` None: check
     only) and makes the registry of the weights ``ref``. Returns None when not asked for.
 
@@ -472,9 +519,13 @@ def make_share(ref: ray.ObjectRef | None, device: Any, share_device_copy: bool,
         return None
     dev = parse_device(device) if device is not None else None
     if dev is None or dev.type != "cuda":
-        raise DeviceError(f"share_device_copy=True shares one copy per GPU: pass device='cuda' "
-                          f"(got device={device!r})")
+        raise DeviceError(
+            f"share_device_copy=True shares one copy per GPU: pass device='cuda' "
+            f"(got device={device!r})"
+        )
     if writable:
-        raise WrapperError("share_device_copy=True and writable=True exclude each other: every "
-                           "process on a GPU uses the same device copy")
+        raise WrapperError(
+            "share_device_copy=True and writable=True exclude each other: every "
+            "process on a GPU uses the same device copy"
+        )
     return None if ref is None else DeviceShare.create(ref)

@@ -30,7 +30,7 @@ def torch_dtype(code: int) -> torch.dtype:
     try:
         return CODE_TO_TORCH[code]
     except KeyError:
+        name = _zc.dtype_name(code) if code in _zc.DTYPE_CODES.values() else "unknown"
         raise _zc.ArenaError(
-            f"dtype code {code} ({_zc.dtype_name(code) if code in _zc.DTYPE_CODES.values() else 'unknown'}) "
-            f"is not available in torch {torch.__version__}"
+            f"dtype code {code} ({name}) is not available in torch {torch.__version__}"
         ) from None

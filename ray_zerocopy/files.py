@@ -37,8 +37,15 @@ from . import _zc
 from .errors import ArenaError, PackError, ZeroCopyWarning
 from .pack import _lay_out, _plan, find_modules, store_parts
 
-__all__ = ["save", "load", "ArenaFile", "FileSource", "CheckpointSource", "FromFiles",
-           "FILE_SUFFIX"]
+__all__ = [
+    "save",
+    "load",
+    "ArenaFile",
+    "FileSource",
+    "CheckpointSource",
+    "FromFiles",
+    "FILE_SUFFIX",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +56,7 @@ PathLike = Union[str, "os.PathLike[str]"]  # noqa: UP007 (a runtime alias, Pytho
 
 
 # ---- arena files ------------------------------------------------------------------------------
+
 
 def _methods_of(pipeline: Any) -> list[str]:
     """The methods a wrapper forwards (needs the wrappers' rule; Ray is imported lazily)."""
@@ -105,15 +113,18 @@ def save(pipeline: Any, path: PathLike, *, nthreads: int = 0) -> FileInfo:
     """
     path = os.fspath(path)
     skeleton, arena, plan = store_parts(pipeline, nthreads=nthreads)
-    meta = json.dumps({
-        "format": "ray_zerocopy arena file",
-        "class": type(pipeline).__qualname__,
-        "module": type(pipeline).__module__,
-        "methods": _methods_of(pipeline),
-        "n_tensors": len(plan.tensor_names),
-        "weight_bytes": plan.weight_bytes,
-        "torch": torch.__version__,
-    }, sort_keys=True).encode()
+    meta = json.dumps(
+        {
+            "format": "ray_zerocopy arena file",
+            "class": type(pipeline).__qualname__,
+            "module": type(pipeline).__module__,
+            "methods": _methods_of(pipeline),
+            "n_tensors": len(plan.tensor_names),
+            "weight_bytes": plan.weight_bytes,
+            "torch": torch.__version__,
+        },
+        sort_keys=True,
+    ).encode()
     header = _zc.file_write_header(meta, skeleton, arena.total)
     layout = _zc.file_plan(len(meta), len(skeleton), arena.total)
     data_offset = plan.data_offset
@@ -132,8 +143,9 @@ def save(pipeline: Any, path: PathLike, *, nthreads: int = 0) -> FileInfo:
                     crc = _zc.crc32c(view[skip:], crc)
                 f.write(view)
             # The arena header, now with the data checksum (written first without it).
-            head = np.frombuffer(memoryview(arena.parts[0]).cast("B")[:_zc.HEADER_SIZE],
-                                 dtype=np.uint8).copy()
+            head = np.frombuffer(
+                memoryview(arena.parts[0]).cast("B")[: _zc.HEADER_SIZE], dtype=np.uint8
+            ).copy()
             _zc.set_data_crc(head, crc)
             f.seek(layout["arena_offset"])
             f.write(head.tobytes())
@@ -187,8 +199,9 @@ class ArenaFile:
             size = os.fstat(f.fileno()).st_size
             if size < _zc.FILE_HEADER_SIZE:  # mmap refuses an empty file; let the core explain
                 self._raise(f.read())
-            self._mmap = mmap.mmap(f.fileno(), size,
-                                   access=mmap.ACCESS_COPY if writable_pages else mmap.ACCESS_READ)
+            self._mmap = mmap.mmap(
+                f.fileno(), size, access=mmap.ACCESS_COPY if writable_pages else mmap.ACCESS_READ
+            )
         try:
             self.info = _zc.file_parse(self._mmap)
         except ArenaError as exc:
@@ -197,7 +210,7 @@ class ArenaFile:
         info = self.info
         mo, ms = info["meta_offset"], info["meta_size"]
         try:
-            self.meta = json.loads(self._mmap[mo:mo + ms].decode()) if ms else {}
+            self.meta = json.loads(self._mmap[mo : mo + ms].decode()) if ms else {}
             if not isinstance(self.meta, dict):
                 raise ValueError("not a JSON object")
         except ValueError as exc:
@@ -206,9 +219,9 @@ class ArenaFile:
             self._mmap.close()
             raise err from None
         so, ss = info["skeleton_offset"], info["skeleton_size"]
-        self.skeleton = self._mmap[so:so + ss]
+        self.skeleton = self._mmap[so : so + ss]
         ao = info["arena_offset"]
-        self.arena = memoryview(self._mmap)[ao:ao + info["arena_size"]]
+        self.arena = memoryview(self._mmap)[ao : ao + info["arena_size"]]
 
     def _raise(self, data: bytes) -> None:
         try:
@@ -236,12 +249,20 @@ class ArenaFile:
             raise _with_path(exc, self.path) from None
 
     def __repr__(self) -> str:
-        return (f"ArenaFile({self.path!r}, {self.meta.get('class', '?')}, "
-                f"{len(self.arena_info['tensors'])} tensors, {self.info['file_size']:,} bytes)")
+        return (
+            f"ArenaFile({self.path!r}, {self.meta.get('class', '?')}, "
+            f"{len(self.arena_info['tensors'])} tensors, {self.info['file_size']:,} bytes)"
+        )
 
 
-def load(path: PathLike, *, device: Any = None, fast_load: bool = False, writable: bool = False,
-         nthreads: int = 0) -> Any:
+def load(
+    path: PathLike,
+    *,
+    device: Any = None,
+    fast_load: bool = False,
+    writable: bool = False,
+    nthreads: int = 0,
+) -> Any:
     """Maps an arena file and rebuilds its pipeline, every weight a view into the mapping.
 
     Loading is O(tensors): the header and manifest are validated as untrusted bytes, no weight
@@ -270,12 +291,14 @@ def load(path: PathLike, *, device: Any = None, fast_load: bool = False, writabl
     from .unpack import LoadedArena, rebuild
 
     f = ArenaFile(path, writable_pages=True)
-    loaded = LoadedArena(f.arena, device=device, fast_load=fast_load,
-                         protect=not writable, nthreads=nthreads)
+    loaded = LoadedArena(
+        f.arena, device=device, fast_load=fast_load, protect=not writable, nthreads=nthreads
+    )
     return rebuild(f.skeleton, loaded)
 
 
 # ---- sources for the wrappers -----------------------------------------------------------------
+
 
 class Source:
     """Something the wrappers put into the object store without a pipeline built in the driver.
@@ -325,8 +348,12 @@ class FileSource(Source):
         weight_bytes = f.meta.get("weight_bytes")
         if not isinstance(weight_bytes, int):  # a file from another writer: count the storages
             weight_bytes = sum(n for _, n in ai["storages"])
-        logger.info("%s: putting %s arena (%d tensors) into the object store", f.path,
-                    _size(len(f.arena)), len(ai["tensors"]))
+        logger.info(
+            "%s: putting %s arena (%d tensors) into the object store",
+            f.path,
+            _size(len(f.arena)),
+            len(ai["tensors"]),
+        )
         arena = StoreArena([f.arena], [0], len(f.arena), len(f.arena))
         return f.skeleton, arena, _FilePlan(weight_bytes, [t[0] for t in ai["tensors"]])
 
@@ -368,8 +395,9 @@ def _shard_files(src: Any) -> list[Path]:
         for s in src:
             out += [f for f in _shard_files(s) if f not in out]
         return out
-    raise PackError(f"weights: expected a path, a list of paths or a dict of them, got "
-                    f"{type(src).__qualname__}")
+    raise PackError(
+        f"weights: expected a path, a list of paths or a dict of them, got {type(src).__qualname__}"
+    )
 
 
 def _index_files(index: Path) -> list[Path]:
@@ -439,8 +467,15 @@ class CheckpointSource(Source):
     meta tensors: the store's copy reads the weights straight from the page cache.
     """
 
-    def __init__(self, pipeline: Any, weights: Weights, *, dtype: torch.dtype | None = None,
-                 prefetch: bool = True, nthreads: int = 0):
+    def __init__(
+        self,
+        pipeline: Any,
+        weights: Weights,
+        *,
+        dtype: torch.dtype | None = None,
+        prefetch: bool = True,
+        nthreads: int = 0,
+    ):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise PackError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.pipeline = pipeline
@@ -467,7 +502,8 @@ class CheckpointSource(Source):
                     raise PackError(
                         f"weights: {key!r} is not a model of {self.cls_name} (models: "
                         f"{', '.join(repr(p) for p in by_path) or 'none'}); key the dict by the "
-                        "attribute path of each model")
+                        "attribute path of each model"
+                    )
                 sources.append((f"{key}." if key else "", _shard_files(src)))
         else:
             sources = [("", _shard_files(self.weights))]
@@ -488,11 +524,16 @@ class CheckpointSource(Source):
         header = np.zeros(plan.data_offset, dtype=np.uint8)
         _zc.write_header(header, plan.sizes, plan.tensors)
         arena = _lay_out(plan, header, self.nthreads)
-        logger.info("%s: %d tensors, %s from %d checkpoint file(s) checked and mapped in %.2f s%s; "
-                    "copying into the object store", self.cls_name, len(plan.tensor_names),
-                    _size(n_bytes), n_files, time.perf_counter() - t0,
-                    f" ({_size(self.staged_bytes)} converted to {self.dtype})"
-                    if self.staged_bytes else "")
+        logger.info(
+            "%s: %d tensors, %s from %d checkpoint file(s) checked and mapped in %.2f s%s; "
+            "copying into the object store",
+            self.cls_name,
+            len(plan.tensor_names),
+            _size(n_bytes),
+            n_files,
+            time.perf_counter() - t0,
+            f" ({_size(self.staged_bytes)} converted to {self.dtype})" if self.staged_bytes else "",
+        )
         return plan.skeleton(header), arena, plan
 
     def _map_and_check(self) -> tuple[dict[int, torch.Tensor], int, int]:
@@ -516,8 +557,9 @@ class CheckpointSource(Source):
                 try:
                     h = safe_open(str(f), framework="pt")
                 except Exception as exc:  # safetensors raises its own error types
-                    raise PackError(f"{f}: cannot open as safetensors ({type(exc).__name__}: "
-                                    f"{exc})") from exc
+                    raise PackError(
+                        f"{f}: cannot open as safetensors ({type(exc).__name__}: {exc})"
+                    ) from exc
                 handles.append(h)
                 files.append(f)
                 for k in h.keys():
@@ -557,19 +599,26 @@ class CheckpointSource(Source):
                     warnings.warn(
                         f"ray_zerocopy: safetensors returned a copy of {key.name!r} instead of a "
                         f"view of {files[key.shard]}'s pages: this safetensors release costs the "
-                        "driver a private copy of every weight while wrapping", ZeroCopyWarning,
-                        stacklevel=4)
+                        "driver a private copy of every weight while wrapping",
+                        ZeroCopyWarning,
+                        stacklevel=4,
+                    )
             if tuple(src.shape) != tuple(t.shape):
                 shape_err.append(f"{name!r}: checkpoint {list(src.shape)}, model {list(t.shape)}")
                 continue
             want = t.dtype
             have = self.dtype if (self.dtype is not None and src.is_floating_point()) else src.dtype
             if have != want:
-                hint = (f" (pass dtype={want} to convert)" if src.is_floating_point()
-                        and want.is_floating_point and self.dtype is None else "")
-                dtype_err.append(f"{name!r}: checkpoint {src.dtype}"
-                                 + (f" -> {have}" if have != src.dtype else "")
-                                 + f", model {want}{hint}")
+                hint = (
+                    f" (pass dtype={want} to convert)"
+                    if src.is_floating_point() and want.is_floating_point and self.dtype is None
+                    else ""
+                )
+                dtype_err.append(
+                    f"{name!r}: checkpoint {src.dtype}"
+                    + (f" -> {have}" if have != src.dtype else "")
+                    + f", model {want}{hint}"
+                )
                 continue
             replace[tid] = src
             per_shard[key.shard].append(src)
@@ -578,11 +627,15 @@ class CheckpointSource(Source):
         uncovered = self._init_meta_buffers(set(names_of), replace)
         problems = []
         if missing:
-            problems.append(f"missing keys (in the model, on the meta device, not in the "
-                            f"checkpoint): {_short(sorted(missing))}")
+            problems.append(
+                f"missing keys (in the model, on the meta device, not in the "
+                f"checkpoint): {_short(sorted(missing))}"
+            )
         if unexpected:
-            problems.append(f"unexpected keys (in the checkpoint, not in the model): "
-                            f"{_short(sorted(unexpected))}")
+            problems.append(
+                f"unexpected keys (in the checkpoint, not in the model): "
+                f"{_short(sorted(unexpected))}"
+            )
         if dup:
             problems.append(f"keys in more than one checkpoint file: {_short(sorted(dup))}")
         if shape_err:
@@ -593,10 +646,12 @@ class CheckpointSource(Source):
             problems.append(
                 f"tensors on the meta device that no checkpoint holds and the model cannot "
                 f"initialize: {_short(uncovered)}; give them values (build them outside "
-                "torch.device('meta'))")
+                "torch.device('meta'))"
+            )
         if problems:
-            raise PackError(f"{self.cls_name}: the checkpoint does not fit the model: "
-                            + "; ".join(problems))
+            raise PackError(
+                f"{self.cls_name}: the checkpoint does not fit the model: " + "; ".join(problems)
+            )
 
         # Conversions (staged: each converted tensor is a new allocation) and read-ahead.
         n_bytes = 0
@@ -607,9 +662,16 @@ class CheckpointSource(Source):
                 for s in tensors:
                     self._prefetch(s)
             n_bytes += shard_bytes
-            logger.info("checkpoint file %d/%d %s: %d tensors, %s%s (%.2f s)", i + 1,
-                        len(files), f.name, len(tensors), _size(shard_bytes),
-                        " read ahead" if self.prefetch else "", time.perf_counter() - t0)
+            logger.info(
+                "checkpoint file %d/%d %s: %d tensors, %s%s (%.2f s)",
+                i + 1,
+                len(files),
+                f.name,
+                len(tensors),
+                _size(shard_bytes),
+                " read ahead" if self.prefetch else "",
+                time.perf_counter() - t0,
+            )
         if self.dtype is not None:
             for tid, src in list(replace.items()):
                 if src.is_floating_point() and src.dtype != self.dtype:
@@ -623,9 +685,9 @@ class CheckpointSource(Source):
         n = src.numel() * src.element_size()
         if n < (1 << 20):
             return  # small ones: the store's copy faults them in
-        raw = torch.empty(0, dtype=torch.uint8).set_(src.untyped_storage(),
-                                                     src.storage_offset() * src.element_size(),
-                                                     (n,))
+        raw = torch.empty(0, dtype=torch.uint8).set_(
+            src.untyped_storage(), src.storage_offset() * src.element_size(), (n,)
+        )
         with _zc.Mapping(raw.numpy()) as m:
             m.populate(0, n, self.nthreads)
 
@@ -663,8 +725,11 @@ def _initializer_for(pipeline: Any, path: str) -> Any:
     """The ``_init_weights`` of the outermost model above the module at ``path`` that has one
     (a Hugging Face ``PreTrainedModel``), or None."""
     for p, m in sorted(find_modules(pipeline), key=lambda pm: len(pm[0])):
-        if (p == "" or path == p or path.startswith(p + ".")) and \
-                callable(getattr(m, "_init_weights", None)) and hasattr(m, "config"):
+        if (
+            (p == "" or path == p or path.startswith(p + "."))
+            and callable(getattr(m, "_init_weights", None))
+            and hasattr(m, "config")
+        ):
             return m._init_weights
     return None
 
@@ -690,8 +755,9 @@ class FromFiles:
         return cls(FileSource(path), **kwargs)
 
     @classmethod
-    def from_safetensors(cls, pipeline: Any, weights: Weights, *, dtype: torch.dtype | None = None,
-                         **kwargs: Any) -> Any:
+    def from_safetensors(
+        cls, pipeline: Any, weights: Weights, *, dtype: torch.dtype | None = None, **kwargs: Any
+    ) -> Any:
         """Wraps a pipeline built on the meta device with its weights from safetensors files.
 
         Every weight is copied once, from the checkpoint file's pages into the object store; the

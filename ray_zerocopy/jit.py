@@ -109,8 +109,9 @@ def strip_script_module(module: Any) -> bytes:
     with _strip_lock, torch.no_grad():
         try:
             for t in unique:
-                saved.append((t, t.untyped_storage(), t.storage_offset(), t.size(), t.stride(),
-                              t._version))
+                saved.append(
+                    (t, t.untyped_storage(), t.storage_offset(), t.size(), t.stride(), t._version)
+                )
                 t.set_(torch.empty(0, dtype=t.dtype, device=t.device))
             buf = io.BytesIO()
             torch.jit.save(module, buf)
@@ -146,7 +147,8 @@ def _rebuild_script(data: bytes, names: list[str], tensors: list[torch.Tensor]) 
             if target is None:
                 raise UnpackError(
                     f"TorchScript module has no parameter or buffer {name!r} after loading: the "
-                    "skeleton was made by another version of torch or of the module")
+                    "skeleton was made by another version of torch or of the module"
+                )
             target.set_(view)
             if target.requires_grad:
                 target.requires_grad_(False)
@@ -211,21 +213,30 @@ def _reduce_exported(ep: Any) -> tuple:
     constants = dict(ep.constants)
     tensor_constants = all(isinstance(v, torch.Tensor) for v in constants.values())
     try:
-        artifact = serialize(ep, serialize_state_dict=False,
-                             serialize_constants=not tensor_constants,
-                             serialize_example_inputs=False)
+        artifact = serialize(
+            ep,
+            serialize_state_dict=False,
+            serialize_constants=not tensor_constants,
+            serialize_example_inputs=False,
+        )
     except Exception as exc:
         raise PackError(
             f"ExportedProgram cannot be serialized by torch.export ({type(exc).__name__}: {exc}); "
-            "pack ep.module() instead (an nn.Module over the same weights)") from exc
+            "pack ep.module() instead (an nn.Module over the same weights)"
+        ) from exc
     params = [n for n in ep.graph_signature.parameters]
-    return _rebuild_exported, (artifact.exported_program, dict(ep.state_dict), params,
-                               constants if tensor_constants else artifact.constants,
-                               ep.example_inputs)
+    return _rebuild_exported, (
+        artifact.exported_program,
+        dict(ep.state_dict),
+        params,
+        constants if tensor_constants else artifact.constants,
+        ep.example_inputs,
+    )
 
 
-def _rebuild_exported(program: bytes, state_dict: dict, params: list[str], constants: Any,
-                      example_inputs: Any) -> Any:
+def _rebuild_exported(
+    program: bytes, state_dict: dict, params: list[str], constants: Any, example_inputs: Any
+) -> Any:
     from torch._export.serde.serialize import SerializedArtifact, deserialize
 
     state_dict = dict(state_dict)

@@ -21,8 +21,13 @@ import torch
 
 from .wrappers import ActorWrapper, ModelWrapper, TaskWrapper
 
-__all__ = ["JITTaskWrapper", "JITActorWrapper", "JITModelWrapper", "ExportedRunner",
-           "script_methods"]
+__all__ = [
+    "JITTaskWrapper",
+    "JITActorWrapper",
+    "JITModelWrapper",
+    "ExportedRunner",
+    "script_methods",
+]
 
 
 class ExportedRunner:
@@ -103,11 +108,18 @@ class JITTaskWrapper(TaskWrapper):
         >>> y = wrapped(x)                        # scripted forward in a Ray task
     """
 
-    def __init__(self, pipeline: Any, device: Any = None, use_fast_load: bool = False,
-                 writable: bool = False, **ray_options: Any):
+    def __init__(
+        self,
+        pipeline: Any,
+        device: Any = None,
+        use_fast_load: bool = False,
+        writable: bool = False,
+        **ray_options: Any,
+    ):
         pipeline = _as_pipeline(pipeline)
-        super().__init__(pipeline, device=device, use_fast_load=use_fast_load,
-                         writable=writable, **ray_options)
+        super().__init__(
+            pipeline, device=device, use_fast_load=use_fast_load, writable=writable, **ray_options
+        )
         extra = script_methods(pipeline)
         if extra:
             self._shared.methods = frozenset(self._shared.methods | extra)
@@ -138,11 +150,11 @@ class JITActorWrapper(ActorWrapper):
         ...         self.model = aw.load()
     """
 
-    def __init__(self, pipeline: Any, device: Any = None, use_fast_load: bool = False,
-                 writable: bool = False):
+    def __init__(
+        self, pipeline: Any, device: Any = None, use_fast_load: bool = False, writable: bool = False
+    ):
         pipeline = _as_pipeline(pipeline)
-        super().__init__(pipeline, device=device, use_fast_load=use_fast_load,
-                         writable=writable)
+        super().__init__(pipeline, device=device, use_fast_load=use_fast_load, writable=writable)
         extra = script_methods(pipeline)
         if extra:
             self._shared.methods = frozenset(self._shared.methods | extra)
@@ -168,16 +180,21 @@ class JITModelWrapper(ModelWrapper):
     """
 
     @classmethod
-    def from_model(cls, model_or_pipeline: Any, mode: Literal["task", "actor"] = "actor",
-                   model_attr_names: list[str] | None = None,
-                   method_names: tuple[str, ...] | None = None) -> "JITModelWrapper":
+    def from_model(
+        cls,
+        model_or_pipeline: Any,
+        mode: Literal["task", "actor"] = "actor",
+        model_attr_names: list[str] | None = None,
+        method_names: tuple[str, ...] | None = None,
+    ) -> JITModelWrapper:
         """Packs a compiled model or a pipeline into the object store.
 
         See :meth:`ModelWrapper.from_model` for the arguments.
         """
         pipeline = _as_pipeline(model_or_pipeline)
-        wrapper = super().from_model(pipeline, mode=mode, model_attr_names=model_attr_names,
-                                     method_names=method_names)
+        wrapper = super().from_model(
+            pipeline, mode=mode, model_attr_names=model_attr_names, method_names=method_names
+        )
         if isinstance(pipeline, ExportedRunner):
             wrapper._is_standalone_module = True  # task mode: one remote model
         return wrapper
@@ -193,4 +210,3 @@ class JITModelWrapper(ModelWrapper):
 
     def __repr__(self) -> str:
         return "JIT" + super().__repr__()
-

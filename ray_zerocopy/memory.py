@@ -50,8 +50,17 @@ def rss(pid: int | None = None) -> int:
     return _rollup(pid or os.getpid()).get("Rss", 0)
 
 
-_RAY_MARKERS = ("raylet", "gcs_server", "plasma_store", "default_worker.py", "ray::",
-                "dashboard", "log_monitor.py", "monitor.py", "runtime_env/agent")
+_RAY_MARKERS = (
+    "raylet",
+    "gcs_server",
+    "plasma_store",
+    "default_worker.py",
+    "ray::",
+    "dashboard",
+    "log_monitor.py",
+    "monitor.py",
+    "runtime_env/agent",
+)
 
 
 def _descendants(root: int) -> set[int]:

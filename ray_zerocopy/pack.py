@@ -42,9 +42,26 @@ GUARD_BYTES = 4096
 
 # Values that cannot hold a module or tensor; the walker does not look inside them.
 _ATOMIC = (
-    str, bytes, bytearray, int, float, complex, bool, type(None), type, range, slice,
-    types.FunctionType, types.BuiltinFunctionType, types.ModuleType, types.MethodType,
-    torch.dtype, torch.device, torch.Size, np.ndarray, np.generic,
+    str,
+    bytes,
+    bytearray,
+    int,
+    float,
+    complex,
+    bool,
+    type(None),
+    type,
+    range,
+    slice,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.ModuleType,
+    types.MethodType,
+    torch.dtype,
+    torch.device,
+    torch.Size,
+    np.ndarray,
+    np.generic,
 )
 
 _ALLOWED_TENSOR_TYPES = (torch.Tensor, nn.Parameter) + (
@@ -110,7 +127,12 @@ def _walk(root: Any) -> tuple[list[tuple[str, nn.Module]], dict[int, _TensorName
     seen: set[int] = set()
     # (value, parent path, key, path style): 0 attribute, 1 index, 2 dict key, 3 set member.
     stack: list[tuple[Any, str, Any, int]] = [(root, "", "", 0)]
-    atomic, containers, tensor_t, module_t = _ATOMIC_TYPES, _CONTAINER_TYPES, torch.Tensor, nn.Module
+    atomic, containers, tensor_t, module_t = (
+        _ATOMIC_TYPES,
+        _CONTAINER_TYPES,
+        torch.Tensor,
+        nn.Module,
+    )
 
     def record(t: Any, path: str, kind: int, persistent: bool) -> None:
         prev = names.get(id(t))
@@ -143,8 +165,9 @@ def _walk(root: Any) -> tuple[list[tuple[str, nn.Module]], dict[int, _TensorName
                 if b is not None:
                     record(b, _join(path, n), _zc.KIND_BUFFER, n not in nonpersistent)
             children = [(m, path, n, 0) for n, m in obj._modules.items() if m is not None]
-            children += [(v, path, k, 0) for k, v in vars(obj).items()
-                         if k not in _MODULE_SLOTS and keep(v)]
+            children += [
+                (v, path, k, 0) for k, v in vars(obj).items() if k not in _MODULE_SLOTS and keep(v)
+            ]
         elif isinstance(obj, (list, tuple)):
             children = [(v, path, i, 1) for i, v in enumerate(obj) if keep(v)]
         elif isinstance(obj, dict):
@@ -211,6 +234,7 @@ class _SkeletonPickler(cloudpickle.Pickler):
 
 def _find_unpicklable(root: Any) -> str | None:
     """Returns the attribute path of the deepest value under root that cannot be pickled."""
+
     def fails(value: Any) -> bool:
         try:
             _SkeletonPickler(io.BytesIO()).dump(value)
@@ -227,8 +251,11 @@ def _find_unpicklable(root: Any) -> str | None:
             items = [(f"{path}[{k!r}]", v) for k, v in obj.items()]
         elif isinstance(obj, nn.Module):
             items = [(_join(path, k), v) for k, v in obj._modules.items()]
-            items += [(_join(path, k), v) for k, v in vars(obj).items()
-                      if k not in ("_parameters", "_buffers", "_modules")]
+            items += [
+                (_join(path, k), v)
+                for k, v in vars(obj).items()
+                if k not in ("_parameters", "_buffers", "_modules")
+            ]
         elif isinstance(getattr(obj, "__dict__", None), dict):
             items = [(_join(path, k), v) for k, v in vars(obj).items()]
         else:
@@ -278,20 +305,20 @@ def _aligned_empty(nbytes: int, align: int = 4096) -> np.ndarray:
         return np.frombuffer(mm, dtype=np.uint8)
     raw = np.empty(nbytes + align, dtype=np.uint8)
     start = (-raw.ctypes.data) % align
-    return raw[start:start + nbytes]
+    return raw[start : start + nbytes]
 
 
 @dataclass
 class _Plan:
     """A pipeline laid out as an arena, before any weight byte is copied."""
 
-    pickle_bytes: bytes           # the skeleton's pickle, without its header
-    sizes: list[int]              # bytes of every storage, the two guards included
-    tensors: list[tuple]          # manifest entries as _zc.plan takes them
+    pickle_bytes: bytes  # the skeleton's pickle, without its header
+    sizes: list[int]  # bytes of every storage, the two guards included
+    tensors: list[tuple]  # manifest entries as _zc.plan takes them
     storages: list[torch.Tensor]  # uint8 views of the real storages (sizes[1:-1])
     data_offset: int
     total: int
-    offsets: list[int]            # of every storage, from the data region
+    offsets: list[int]  # of every storage, from the data region
     tensor_names: list[str]
     weight_bytes: int
 
@@ -353,10 +380,21 @@ def _plan(pipeline: Any, replace: dict[int, torch.Tensor] | None = None) -> _Pla
         elif storages[sidx].numel() < nbytes:
             storages[sidx] = torch.empty(0, dtype=torch.uint8, device=t.device).set_(st)
         flags = (_zc.TFLAG_PERSISTENT if nm.persistent else 0) | (
-            _zc.TFLAG_REQUIRES_GRAD if requires_grad else 0)
+            _zc.TFLAG_REQUIRES_GRAD if requires_grad else 0
+        )
         # Storage index + 1: the first storage is the leading guard.
-        tensors.append((nm.path or "<pipeline>", sidx + 1, code_of(t.dtype), tuple(t.shape),
-                        tuple(t.stride()), t.storage_offset(), nm.kind, flags))
+        tensors.append(
+            (
+                nm.path or "<pipeline>",
+                sidx + 1,
+                code_of(t.dtype),
+                tuple(t.shape),
+                tuple(t.stride()),
+                t.storage_offset(),
+                nm.kind,
+                flags,
+            )
+        )
         tensor_names.append(nm.path)
 
     # A zero guard storage of one page first and last: Ray places objects at 64-byte alignment
@@ -365,8 +403,17 @@ def _plan(pipeline: Any, replace: dict[int, torch.Tensor] | None = None) -> _Pla
     real_sizes = [s.numel() for s in storages]
     sizes = [GUARD_BYTES, *real_sizes, GUARD_BYTES]
     data_offset, total, offsets = _zc.plan(sizes, tensors)
-    return _Plan(buf.getvalue(), sizes, tensors, storages, data_offset, total, offsets,
-                 tensor_names, int(sum(real_sizes)))
+    return _Plan(
+        buf.getvalue(),
+        sizes,
+        tensors,
+        storages,
+        data_offset,
+        total,
+        offsets,
+        tensor_names,
+        int(sum(real_sizes)),
+    )
 
 
 def pack(pipeline: Any, *, nthreads: int = 0) -> Packed:
@@ -399,7 +446,7 @@ def pack(pipeline: Any, *, nthreads: int = 0) -> Packed:
     arena = _aligned_empty(plan.total)
     _zc.write_manifest(arena, plan.sizes, plan.tensors)
     for i in (0, len(plan.sizes) - 1):
-        arena[data_offset + offsets[i]:data_offset + offsets[i] + GUARD_BYTES] = 0
+        arena[data_offset + offsets[i] : data_offset + offsets[i] + GUARD_BYTES] = 0
     copies = []
     for s, off in zip(plan.storages, offsets[1:]):
         n = s.numel()
@@ -408,12 +455,16 @@ def pack(pipeline: Any, *, nthreads: int = 0) -> Packed:
         if s.device.type == "cpu":
             copies.append((data_offset + off, s.data_ptr(), n))
         else:
-            host = torch.from_numpy(arena[data_offset + off:data_offset + off + n])
+            host = torch.from_numpy(arena[data_offset + off : data_offset + off + n])
             host.copy_(s)
     _zc.gather(arena, copies, nthreads)
     _zc.finalize(arena, nthreads)
-    return Packed(skeleton=plan.skeleton(arena), arena=arena, tensor_names=plan.tensor_names,
-                  weight_bytes=plan.weight_bytes)
+    return Packed(
+        skeleton=plan.skeleton(arena),
+        arena=arena,
+        tensor_names=plan.tensor_names,
+        weight_bytes=plan.weight_bytes,
+    )
 
 
 #: Storages whose 64-byte-aligned body is at least this many bytes go to the object store
@@ -457,10 +508,18 @@ class StoreArena:
         from .unpack import _assemble
 
         if protocol < 5:  # no out-of-band buffers: one contiguous copy
-            return _assemble, (None, [b"".join(bytes(memoryview(p)) for p in self.parts)],
-                               [0], self.total)
-        return _assemble, (None, [pickle.PickleBuffer(p) for p in self.parts], self.offsets,
-                           self.total)
+            return _assemble, (
+                None,
+                [b"".join(bytes(memoryview(p)) for p in self.parts)],
+                [0],
+                self.total,
+            )
+        return _assemble, (
+            None,
+            [pickle.PickleBuffer(p) for p in self.parts],
+            self.offsets,
+            self.total,
+        )
 
 
 def store_parts(pipeline: Any, *, nthreads: int = 0) -> tuple[bytes, StoreArena, _Plan]:

@@ -13,7 +13,8 @@ import io
 import pickle
 import threading
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,13 +49,17 @@ def _assemble(_reserved: Any, parts: list, offsets: list[int], total: int) -> An
             f"ray_zerocopy: the arena's {len(parts)} buffers did not come back from the object "
             f"store back to back ({span}); this process uses a private copy of the weights "
             "(not shared with other processes). Report this with your Ray version "
-            f"({_ray_version()}).", ZeroCopyWarning, stacklevel=2)
+            f"({_ray_version()}).",
+            ZeroCopyWarning,
+            stacklevel=2,
+        )
     copy = _aligned_empty(total)
     for part, off in zip(parts, offsets):
         src = memoryview(part).cast("B")
         if off + len(src) > total:
-            raise ArenaError(f"arena part at offset {off} ({len(src)} bytes) ends past the "
-                             f"arena's {total} bytes")
+            raise ArenaError(
+                f"arena part at offset {off} ({len(src)} bytes) ends past the arena's {total} bytes"
+            )
         _zc.copy(copy, off, src, 0, len(src))
     return copy
 
@@ -64,7 +69,6 @@ def _ray_version() -> str:
 
     ray = sys.modules.get("ray")
     return getattr(ray, "__version__", "unknown")
-
 
 
 _gc_lock = threading.Lock()
@@ -141,13 +145,28 @@ class LoadedArena:
         DeviceError: the device string is malformed or the device is not present.
     """
 
-    def __init__(self, buffer: Any, *, device: Any = None, fast_load: bool = False,
-                 protect: bool = False, writable: bool = False, nthreads: int = 0):
+    def __init__(
+        self,
+        buffer: Any,
+        *,
+        device: Any = None,
+        fast_load: bool = False,
+        protect: bool = False,
+        writable: bool = False,
+        nthreads: int = 0,
+    ):
         with _gc_paused():
             self._load(buffer, device, fast_load, protect, writable, nthreads)
 
-    def _load(self, buffer: Any, device: Any, fast_load: bool, protect: bool, writable: bool,
-              nthreads: int) -> None:
+    def _load(
+        self,
+        buffer: Any,
+        device: Any,
+        fast_load: bool,
+        protect: bool,
+        writable: bool,
+        nthreads: int,
+    ) -> None:
         if writable:
             src = memoryview(buffer).cast("B")
             copy = _aligned_empty(len(src))
@@ -171,7 +190,9 @@ class LoadedArena:
             storages = []
             for off, length in info["storages"]:
                 if length:
-                    base = torch.frombuffer(self.mapping, dtype=torch.uint8, count=length, offset=off)
+                    base = torch.frombuffer(
+                        self.mapping, dtype=torch.uint8, count=length, offset=off
+                    )
                 else:
                     base = torch.empty(0, dtype=torch.uint8)
                 storages.append(base.untyped_storage())
@@ -183,8 +204,9 @@ class LoadedArena:
                 ranges = [(e[8], _extent(e[3], e[4], _zc.dtype_size(e[2])), e[0]) for e in entries]
                 self.mapping.protect(data_offset, data_size, ranges)
         else:
-            devbuf = upload(self.mapping, data_offset, data_size, self.device,
-                            fast=fast_load, nthreads=nthreads)
+            devbuf = upload(
+                self.mapping, data_offset, data_size, self.device, fast=fast_load, nthreads=nthreads
+            )
             self.device_buffer = devbuf
             views = device_views(devbuf, entries, data_offset)
             # The host mapping is no longer needed: the device holds the data. Dropping it
@@ -198,15 +220,17 @@ class LoadedArena:
         # What nn.Parameter(v, requires_grad=False) does for a plain tensor, without its
         # Python-level __new__ (about 40% of the cost of a fresh parameter).
         make, param = torch.Tensor._make_subclass, nn.Parameter
-        return [make(param, v, False) if kind == _zc.KIND_PARAMETER else v.detach()
-                for v, kind in zip(self.views, self.kinds, strict=True)]
-
+        return [
+            make(param, v, False) if kind == _zc.KIND_PARAMETER else v.detach()
+            for v, kind in zip(self.views, self.kinds, strict=True)
+        ]
 
 
 def _bad_pid(pid: Any, n: int) -> UnpackError:
     return UnpackError(
         f"skeleton refers to tensor {pid!r} but the arena holds {n} tensors: the skeleton and "
-        "the arena do not belong together")
+        "the arena do not belong together"
+    )
 
 
 def rebuild(skeleton: bytes, loaded: LoadedArena) -> Any:
@@ -223,7 +247,8 @@ def rebuild(skeleton: bytes, loaded: LoadedArena) -> Any:
     if crc != loaded.manifest_crc:
         raise UnpackError(
             f"skeleton was made for an arena with manifest CRC32C {crc:#010x}, this arena has "
-            f"{loaded.manifest_crc:#010x}: the skeleton and the arena do not belong together")
+            f"{loaded.manifest_crc:#010x}: the skeleton and the arena do not belong together"
+        )
     f = io.BytesIO(skeleton)
     f.seek(_SKELETON_HEADER.size)
     with _gc_paused():
@@ -244,8 +269,16 @@ def rebuild(skeleton: bytes, loaded: LoadedArena) -> Any:
             raise
 
 
-def unpack(skeleton: bytes, buffer: Any, *, device: Any = None, fast_load: bool = False,
-           protect: bool = False, writable: bool = False, nthreads: int = 0) -> Any:
+def unpack(
+    skeleton: bytes,
+    buffer: Any,
+    *,
+    device: Any = None,
+    fast_load: bool = False,
+    protect: bool = False,
+    writable: bool = False,
+    nthreads: int = 0,
+) -> Any:
     """Rebuilds a pipeline whose tensors are views into ``buffer`` (no copy).
 
     ``buffer`` may be read-only (as ``ray.get`` returns it). The returned pipeline keeps the
@@ -257,8 +290,17 @@ def unpack(skeleton: bytes, buffer: Any, *, device: Any = None, fast_load: bool 
         >>> skeleton, arena = pack(model)
         >>> clone = unpack(skeleton, arena)
     """
-    return rebuild(skeleton, LoadedArena(buffer, device=device, fast_load=fast_load,
-                                         protect=protect, writable=writable, nthreads=nthreads))
+    return rebuild(
+        skeleton,
+        LoadedArena(
+            buffer,
+            device=device,
+            fast_load=fast_load,
+            protect=protect,
+            writable=writable,
+            nthreads=nthreads,
+        ),
+    )
 
 
 def arena_data_crc(buffer: Any, nthreads: int = 0) -> int:
@@ -269,7 +311,7 @@ def arena_data_crc(buffer: Any, nthreads: int = 0) -> int:
         ArenaError: the arena's header or manifest is malformed.
     """
     info = _zc.parse(buffer)
-    data = memoryview(buffer).cast("B")[info["data_offset"]:info["total_size"]]
+    data = memoryview(buffer).cast("B")[info["data_offset"] : info["total_size"]]
     return _zc.crc32c_mt(data, nthreads)
 
 
@@ -304,7 +346,9 @@ def verify_arena(buffer: Any, nthreads: int = 0, *, expected_data_crc: int | Non
         actual = arena_data_crc(buffer, nthreads)
         if actual == expected_data_crc:
             return
-    err = ArenaError(f"data region: CRC32C is {actual:#010x}, expected {expected_data_crc:#010x}: "
-                     "the weights differ from the ones that were checksummed")
+    err = ArenaError(
+        f"data region: CRC32C is {actual:#010x}, expected {expected_data_crc:#010x}: "
+        "the weights differ from the ones that were checksummed"
+    )
     err.code, err.code_name = _zc.ZC_ECHECKSUM, "ZC_ECHECKSUM"
     raise err

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import Any, Callable, Iterable, Literal
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import ray
 from torch import nn
@@ -36,8 +37,11 @@ def public_methods(pipeline: Any) -> list[str]:
             attr = inspect.getattr_static(pipeline, name)
         except AttributeError:
             continue
-        if isinstance(attr, (staticmethod, classmethod)) or inspect.isfunction(attr) \
-                or inspect.ismethoddescriptor(attr):
+        if (
+            isinstance(attr, (staticmethod, classmethod))
+            or inspect.isfunction(attr)
+            or inspect.ismethoddescriptor(attr)
+        ):
             names.append(name)
     if callable(pipeline):
         names.append("__call__")
@@ -51,8 +55,16 @@ class _Shared:
     pipeline. Pickles to the ref plus metadata, never weights.
     """
 
-    __slots__ = ("ref", "cls_name", "methods", "nbytes", "n_tensors", "wrap_seconds", "data_crc",
-                 "owner_pid")
+    __slots__ = (
+        "ref",
+        "cls_name",
+        "methods",
+        "nbytes",
+        "n_tensors",
+        "wrap_seconds",
+        "data_crc",
+        "owner_pid",
+    )
 
     def __init__(self, ref, cls_name, methods, nbytes, n_tensors, wrap_seconds, data_crc=None):
         self.ref = ref
@@ -65,7 +77,7 @@ class _Shared:
         self.owner_pid = _worker_id()
 
     @classmethod
-    def put(cls, pipeline: Any) -> "_Shared":
+    def put(cls, pipeline: Any) -> _Shared:
         """Lays the pipeline out as an arena and puts it into the object store in one copy:
         Ray writes each weight byte once, straight from the tensor's memory (see
         ``pack.store_parts``)."""
@@ -83,19 +95,20 @@ class _Shared:
             raise PackError(
                 f"{name}: the packed weights ({arena.total / 2**20:,.1f} MiB) are larger than this "
                 f"node's Ray object store ({capacity / 2**20:,.1f} MiB); start Ray with a larger "
-                "object_store_memory (ray.init(object_store_memory=...)) or use a smaller model")
+                "object_store_memory (ray.init(object_store_memory=...)) or use a smaller model"
+            )
         try:
             ref = ray.put((skeleton, arena))
         except ray.exceptions.ObjectStoreFullError as exc:
             raise PackError(
                 f"{name}: the packed weights ({arena.total / 2**20:.1f} MiB) do not fit in Ray's "
                 "object store; start Ray with a larger object_store_memory or use a smaller "
-                "model") from exc
+                "model"
+            ) from exc
         seconds = time.perf_counter() - t0
         if methods is None:
             methods = frozenset(public_methods(pipeline))
-        return cls(ref, name, methods, plan.weight_bytes,
-                   len(plan.tensor_names), seconds, data_crc)
+        return cls(ref, name, methods, plan.weight_bytes, len(plan.tensor_names), seconds, data_crc)
 
     def checksum(self) -> int:
         """The CRC32C of the data region of the arena in the store (computed once, O(bytes))."""
@@ -145,8 +158,10 @@ def _check_device_for_ray(device: Any, ray_options: dict) -> tuple[str | None, d
     opts = dict(ray_options)
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     if gpus <= 0:
-        raise DeviceError(f"device {device!r} requested but the Ray cluster has no GPU "
-                          f"(resources: {ray.cluster_resources() if ray.is_initialized() else {}})")
+        raise DeviceError(
+            f"device {device!r} requested but the Ray cluster has no GPU "
+            f"(resources: {ray.cluster_resources() if ray.is_initialized() else {}})"
+        )
     opts.setdefault("num_gpus", 1)
     # Ray assigns the GPU and makes it visible as cuda:0 in the worker unless the task asks
     # for several, in which case the index picks among them.
@@ -165,8 +180,17 @@ def _run_method(_zc_spec: tuple, *args: Any, **kwargs: Any) -> Any:
         return getattr(pipeline, method)(*args, **kwargs)
     # A pipeline nobody has used (the worker's spare, ready at once if it had time to build
     # one); the next spare is rebuilt after the call, while the worker waits for its next task.
-    return _worker.call_fresh(box[0], _call_method, "", method, args, kwargs, device=device,
-                              fast_load=fast_load, writable=writable)
+    return _worker.call_fresh(
+        box[0],
+        _call_method,
+        "",
+        method,
+        args,
+        kwargs,
+        device=device,
+        fast_load=fast_load,
+        writable=writable,
+    )
 
 
 def _call_method(pipeline: Any, path: str, method: str, args: tuple, kwargs: dict) -> Any:
@@ -177,8 +201,10 @@ def _call_method(pipeline: Any, path: str, method: str, args: tuple, kwargs: dic
 def _check_args_picklable(where: str, args: tuple, kwargs: dict) -> None:
     from ray import cloudpickle
 
-    for label, value in [*((f"argument {i}", a) for i, a in enumerate(args)),
-                         *((f"keyword argument {k!r}", v) for k, v in kwargs.items())]:
+    for label, value in [
+        *((f"argument {i}", a) for i, a in enumerate(args)),
+        *((f"keyword argument {k!r}", v) for k, v in kwargs.items()),
+    ]:
         if isinstance(value, ray.ObjectRef):
             continue
         try:
@@ -186,21 +212,28 @@ def _check_args_picklable(where: str, args: tuple, kwargs: dict) -> None:
         except Exception as exc:
             raise WrapperError(
                 f"{where}: {label} ({type(value).__qualname__}) cannot be sent to a Ray task: "
-                f"{type(exc).__name__}: {exc}") from exc
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
 
 class _RemoteMethod:
     """One forwarded method: call it to run it in a Ray task and wait, or use ``.remote``."""
 
-    def __init__(self, wrapper: "TaskWrapper", name: str):
+    def __init__(self, wrapper: TaskWrapper, name: str):
         self._wrapper = wrapper
         self._name = name
 
     def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:
         """Starts the call in a Ray task and returns its ObjectRef at once."""
         w = self._wrapper
-        spec = ([w._shared.ref], self._name, w._task_device, w.use_fast_load, w._writable,
-                w._device_share)
+        spec = (
+            [w._shared.ref],
+            self._name,
+            w._task_device,
+            w.use_fast_load,
+            w._writable,
+            w._device_share,
+        )
         fn = _run_method.options(**w._ray_options) if w._ray_options else _run_method
         try:
             return fn.remote(spec, *args, **kwargs)
@@ -268,7 +301,8 @@ class _Handle:
             else:
                 raise WrapperError(
                     "this handle carries no checksum of the weights: read wrapper.data_crc in "
-                    "the process that wrapped the pipeline before sending the wrapper here")
+                    "the process that wrapped the pipeline before sending the wrapper here"
+                )
         verify_arena(arena, expected_data_crc=crc)
 
 
@@ -308,8 +342,15 @@ class TaskWrapper(_Handle, FromFiles):
         >>> results = ray.get(refs)                     # in parallel
     """
 
-    def __init__(self, pipeline: Any, device: Any = None, use_fast_load: bool = False,
-                 writable: bool = False, share_device_copy: bool = False, **ray_options: Any):
+    def __init__(
+        self,
+        pipeline: Any,
+        device: Any = None,
+        use_fast_load: bool = False,
+        writable: bool = False,
+        share_device_copy: bool = False,
+        **ray_options: Any,
+    ):
         from .device_share import make_share
 
         self.device = device
@@ -332,7 +373,8 @@ class TaskWrapper(_Handle, FromFiles):
         if name not in shared.methods:
             raise AttributeError(
                 f"{shared.cls_name!r} has no public method {name!r}; TaskWrapper forwards "
-                f"methods only: {', '.join(sorted(m for m in shared.methods if m != '__call__'))}")
+                f"methods only: {', '.join(sorted(m for m in shared.methods if m != '__call__'))}"
+            )
         return _RemoteMethod(self, name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -351,12 +393,16 @@ class TaskWrapper(_Handle, FromFiles):
         return sorted(set(super().__dir__()) | set(self._shared.methods))
 
     def __repr__(self) -> str:
-        return (f"TaskWrapper({self._shared.cls_name}, {self._shared.n_tensors} tensors, "
-                f"{self._shared.nbytes / 2**20:.1f} MiB, device={self.device!r})")
+        return (
+            f"TaskWrapper({self._shared.cls_name}, {self._shared.n_tensors} tensors, "
+            f"{self._shared.nbytes / 2**20:.1f} MiB, device={self.device!r})"
+        )
 
     def __reduce__(self):
-        raise TypeError("a TaskWrapper stays in the process that made it; pass an ActorWrapper "
-                        "to actors and Ray Data instead")
+        raise TypeError(
+            "a TaskWrapper stays in the process that made it; pass an ActorWrapper "
+            "to actors and Ray Data instead"
+        )
 
 
 class ActorWrapper(_Handle, FromFiles):
@@ -387,8 +433,14 @@ class ActorWrapper(_Handle, FromFiles):
         ...                compute=ray.data.ActorPoolStrategy(size=2), batch_size=64)
     """
 
-    def __init__(self, pipeline: Any, device: Any = None, use_fast_load: bool = False,
-                 writable: bool = False, share_device_copy: bool = False):
+    def __init__(
+        self,
+        pipeline: Any,
+        device: Any = None,
+        use_fast_load: bool = False,
+        writable: bool = False,
+        share_device_copy: bool = False,
+    ):
         from .device_share import make_share
 
         if device is not None:
@@ -421,14 +473,17 @@ class ActorWrapper(_Handle, FromFiles):
 
             pipeline = load_shared(share, dev)
         else:
-            pipeline = _worker.load_pipeline(self._shared.ref, device=dev, fast_load=fast,
-                                             writable=self.writable, cache=False)
+            pipeline = _worker.load_pipeline(
+                self._shared.ref, device=dev, fast_load=fast, writable=self.writable, cache=False
+            )
         self.load_seconds = time.perf_counter() - t0
         return pipeline
 
     def __repr__(self) -> str:
-        return (f"ActorWrapper({self._shared.cls_name}, {self._shared.n_tensors} tensors, "
-                f"{self._shared.nbytes / 2**20:.1f} MiB, device={self.device!r})")
+        return (
+            f"ActorWrapper({self._shared.cls_name}, {self._shared.n_tensors} tensors, "
+            f"{self._shared.nbytes / 2**20:.1f} MiB, device={self.device!r})"
+        )
 
 
 class _RemoteModule:
@@ -441,16 +496,19 @@ class _RemoteModule:
         self._methods = _with_call(method_names)
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return ray.get(_run_module_method.remote(
-            ([self._shared.ref], self._path, method), *args, **kwargs))
+        return ray.get(
+            _run_module_method.remote(([self._shared.ref], self._path, method), *args, **kwargs)
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._call("__call__", *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or name not in self._methods:
-            raise AttributeError(f"{self._path or 'model'}: {name!r} is not among the remote "
-                                 f"methods {self._methods} (set method_names=)")
+            raise AttributeError(
+                f"{self._path or 'model'}: {name!r} is not among the remote "
+                f"methods {self._methods} (set method_names=)"
+            )
         return lambda *a, **k: self._call(name, *a, **k)
 
 
@@ -495,10 +553,18 @@ class ModelWrapper(_Handle):
             pipeline (read by code written against the published library).
     """
 
-    def __init__(self, shared: _Shared, mode: str, model_attr_names: list[str] | None,
-                 method_names: tuple[str, ...], is_module: bool, use_fast_load: bool = False,
-                 device_share: Any = None, model_names: list[str] | None = None,
-                 model_methods: dict[str, tuple[str, ...]] | None = None):
+    def __init__(
+        self,
+        shared: _Shared,
+        mode: str,
+        model_attr_names: list[str] | None,
+        method_names: tuple[str, ...],
+        is_module: bool,
+        use_fast_load: bool = False,
+        device_share: Any = None,
+        model_names: list[str] | None = None,
+        model_methods: dict[str, tuple[str, ...]] | None = None,
+    ):
         self._device_share = device_share
         self._shared = shared
         self._mode = mode
@@ -512,10 +578,14 @@ class ModelWrapper(_Handle):
         self._model_methods = model_methods or {}
 
     @classmethod
-    def from_model(cls, model_or_pipeline: Any, mode: Literal["task", "actor"] = "actor",
-                   model_attr_names: list[str] | None = None,
-                   method_names: tuple[str, ...] | None = None,
-                   share_device_copy: bool = False) -> "ModelWrapper":
+    def from_model(
+        cls,
+        model_or_pipeline: Any,
+        mode: Literal["task", "actor"] = "actor",
+        model_attr_names: list[str] | None = None,
+        method_names: tuple[str, ...] | None = None,
+        share_device_copy: bool = False,
+    ) -> ModelWrapper:
         """Packs a model or pipeline into the object store.
 
         Args:
@@ -538,23 +608,32 @@ class ModelWrapper(_Handle):
         if model_attr_names is not None:
             for name in model_attr_names:
                 if not isinstance(getattr(model_or_pipeline, name, None), nn.Module):
-                    raise ValueError(f"model_attr_names: attribute {name!r} of "
-                                     f"{type(model_or_pipeline).__qualname__} holds no nn.Module")
+                    raise ValueError(
+                        f"model_attr_names: attribute {name!r} of "
+                        f"{type(model_or_pipeline).__qualname__} holds no nn.Module"
+                    )
             names = list(model_attr_names)
         elif is_module:
             names = None
         else:
-            names = [p for p, _ in find_modules(model_or_pipeline)
-                     if p and "." not in p and "[" not in p]
+            names = [
+                p for p, _ in find_modules(model_or_pipeline) if p and "." not in p and "[" not in p
+            ]
         shared = _Shared.put(model_or_pipeline)
         share = None
         if share_device_copy:
             from .device_share import make_share
 
             share = make_share(shared.ref, "cuda", True, False)
-        return cls(shared, mode, list(model_attr_names) if model_attr_names else None,
-                   tuple(method_names) if method_names else ("__call__",), is_module,
-                   device_share=share, model_names=names)
+        return cls(
+            shared,
+            mode,
+            list(model_attr_names) if model_attr_names else None,
+            tuple(method_names) if method_names else ("__call__",),
+            is_module,
+            device_share=share,
+            model_names=names,
+        )
 
     @classmethod
     def for_tasks(cls, model_or_pipeline: Any, method_names: tuple[str, ...] | None = None) -> Any:
@@ -589,21 +668,30 @@ class ModelWrapper(_Handle):
             >>> again = ModelWrapper.deserialize(**state)
         """
         if self._mode == "task":
-            info: dict[str, Any] = {n: (self._shared.ref, set(self._methods_of(n)))
-                                    for n in self._names()}
+            info: dict[str, Any] = {
+                n: (self._shared.ref, set(self._methods_of(n))) for n in self._names()
+            }
         else:
             info = {n: self._shared.ref for n in self._names()}
-        state = {"skeleton": self._shared, "model_info": info,
-                 "is_standalone_module": self._is_standalone_module, "mode": self._mode}
+        state = {
+            "skeleton": self._shared,
+            "model_info": info,
+            "is_standalone_module": self._is_standalone_module,
+            "mode": self._mode,
+        }
         if self._device_share is not None:
             state["device_share"] = self._device_share
         return state
 
     @classmethod
-    def deserialize(cls, skeleton: Any, model_info: dict[str, Any],
-                    is_standalone_module: bool = False,
-                    mode: Literal["task", "actor"] = "actor",
-                    device_share: Any = None) -> ModelWrapper:
+    def deserialize(
+        cls,
+        skeleton: Any,
+        model_info: dict[str, Any],
+        is_standalone_module: bool = False,
+        mode: Literal["task", "actor"] = "actor",
+        device_share: Any = None,
+    ) -> ModelWrapper:
         """Rebuilds a wrapper from :meth:`serialize`'s dict: ``deserialize(**state)``.
 
         Raises:
@@ -616,15 +704,24 @@ class ModelWrapper(_Handle):
             raise TypeError(
                 f"ModelWrapper.deserialize: skeleton is a {type(skeleton).__qualname__}, not "
                 "the handle ModelWrapper.serialize() returns; pass deserialize(**state) the "
-                "dict serialize() made")
+                "dict serialize() made"
+            )
         methods: dict[str, tuple[str, ...]] = {}
         for name, value in model_info.items():
             if isinstance(value, tuple) and len(value) == 2 and value[1] is not None:
                 methods[name] = tuple(sorted(value[1]))
         names = None if is_standalone_module else list(model_info)
         first = next(iter(methods.values()), ("__call__",))
-        return cls(skeleton, mode, names, first, bool(is_standalone_module),
-                   device_share=device_share, model_names=names, model_methods=methods)
+        return cls(
+            skeleton,
+            mode,
+            names,
+            first,
+            bool(is_standalone_module),
+            device_share=device_share,
+            model_names=names,
+            model_methods=methods,
+        )
 
     def load(self, _use_fast_load: bool = False, device: Any = None) -> Any:
         """Actor mode: the pipeline, zero-copy. Task mode: a local pipeline whose models run
@@ -640,16 +737,21 @@ class ModelWrapper(_Handle):
             from .device_share import load_shared
 
             return load_shared(share, device)
-        return _worker.load_pipeline(self._shared.ref, device=device,
-                                     fast_load=use_fast_load or self._use_fast_load, cache=False)
+        return _worker.load_pipeline(
+            self._shared.ref,
+            device=device,
+            fast_load=use_fast_load or self._use_fast_load,
+            cache=False,
+        )
 
     def _task_pipeline(self) -> Any:
         if self._is_standalone_module:
             return _RemoteModule(self._shared, "", self._methods_of("model"))
         # The pipeline's own code runs here; its models become remote models. Views of the
         # shared weights, read-only in this process.
-        skeleton, loaded = _worker.load_arena(self._shared.ref, device=None, fast_load=False,
-                                              protect=True, writable=False)
+        skeleton, loaded = _worker.load_arena(
+            self._shared.ref, device=None, fast_load=False, protect=True, writable=False
+        )
         from .unpack import rebuild
 
         pipeline = rebuild(skeleton, loaded)
