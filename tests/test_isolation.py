@@ -266,7 +266,7 @@ def test_published_call_is_always_remote(ray_session):
         torch.testing.assert_close(bare(x), p.model(x), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(bare.forward(x), p.model(x), rtol=1e-6, atol=1e-6)
     with pytest.raises(AttributeError):
-        bare.state_dict  # only the listed methods (and __call__) are remote
+        _ = bare.state_dict  # only the listed methods (and __call__) are remote
 
 
 def test_published_jit_call_is_always_remote(ray_session):
@@ -352,4 +352,4 @@ def test_published_task_mode_methods_per_model(ray_session):
     x = torch.randn(3, 4)
     assert loaded(x).shape == (3, 2) and loaded.encoder.forward(x).shape == (3, 4)
     with pytest.raises(AttributeError):
-        loaded.decoder.forward
+        _ = loaded.decoder.forward
