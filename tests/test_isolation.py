@@ -173,7 +173,7 @@ def test_model_wrapper_task_mode_no_state_between_calls(ray_session, standalone)
 
 def test_calls_take_the_spare_and_gc_is_left_as_it_was(ray_session):
     p = NetPipeline()
-    wrapped = rzc.TaskWrapper(p)
+    wrapped = rzc.TaskWrapper(p, runtime_env={"env_vars": {"RAY_ZEROCOPY_SPARE": "1"}})
     hexid = wrapped.object_ref.hex()
     x = torch.randn(2, 8)
     for _ in range(4):
@@ -192,6 +192,7 @@ def test_call_fresh_new_pipeline_each_call_and_spare_failure(ray_session, monkey
 
     from ray_zerocopy import _worker
 
+    monkeypatch.setattr(_worker, "SPARE", True)
     packed = rzc.pack(NetPipeline())
     ref = ray_session.put((packed.skeleton, packed.arena))
     seen = []
