@@ -14,7 +14,7 @@ FUZZ_SECONDS ?= 60
 CSRC := $(wildcard csrc/*.c csrc/*.h csrc/ext/*.c include/zerocopy/*.h) CMakeLists.txt pyproject.toml
 
 .PHONY: all setup build demo test test-c test-c-asan test-fuzz test-py bench bench-quick fuzz gpu-check clean \
-	dist test-dist lint lint-c typecheck
+	dist test-dist lint lint-c typecheck c-tools
 
 all: build
 
@@ -41,7 +41,22 @@ build: $(VENV)/.built
 demo: build
 	$(BIN)/python -m ray_zerocopy demo
 
-test: lint lint-c test-c test-c-asan test-fuzz test-py test-dist
+# Two lanes at once, each mostly keeping one core busy: libFuzzer and clang-tidy (output held
+# in build/test-lane.log and shown after), and ruff, the C tests and the distributions' smoke test.
+# pytest runs after them, alone: some of its tests measure memory and time.
+test: c-tools setup
+	@mkdir -p build; $(MAKE) --no-print-directory test-fuzz lint-c >build/test-lane.log 2>&1 & lane=$$!; \
+	$(MAKE) --no-print-directory lint test-c test-c-asan test-dist; rc=$$?; \
+	wait $$lane; rc_lane=$$?; echo "---- test-fuzz, lint-c:"; cat build/test-lane.log; \
+	[ $$rc -eq 0 ] && [ $$rc_lane -eq 0 ]
+	$(MAKE) --no-print-directory test-py
+
+# The Debian tools the checks use (clang for libFuzzer, clang-tidy), installed once with apt when
+# missing and before the parallel part of `make test` (two apt-gets at once fight over its lock).
+c-tools:
+	@command -v clang >/dev/null && command -v clang-tidy >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq clang clang-tidy) >/dev/null 2>&1 || \
+		echo "c-tools: apt could not install clang and clang-tidy"
 
 # libFuzzer under ASan+UBSan for a bounded time (FUZZ_CI_SECONDS). Needs clang; it is installed
 # with apt when missing. If neither works, say so and go on: the corpus and 20,000 mutations of it

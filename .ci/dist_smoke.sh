@@ -39,14 +39,14 @@ done
 
 echo "dist_smoke: wheel $(basename "${wheels[0]}"), no compiler on PATH"
 # torch first and pinned (TORCH_SPEC), so that nothing pulls another build.
-PATH=$nocc "$py" -m pip install -q --only-binary=:all: "$TORCH_SPEC"
-PATH=$nocc "$py" -m pip install -q --only-binary=:all: "$TORCH_SPEC" "${wheels[0]}"
+PATH=$nocc "$py" -m pip install -q --no-compile --only-binary=:all: "$TORCH_SPEC"
+PATH=$nocc "$py" -m pip install -q --no-compile --only-binary=:all: "$TORCH_SPEC" "${wheels[0]}"
 echo "dist_smoke: venv with the wheel and its requirements in ${SECONDS}s"
 (cd "$venv" && PATH=$nocc "$py" "$root/.ci/smoke.py")
 echo "dist_smoke: wheel done at ${SECONDS}s"
 
 echo "dist_smoke: sdist $(basename "${sdists[0]}"), built from source"
-"$py" -m pip install -q --no-deps --force-reinstall "${sdists[0]}"
+"$py" -m pip install -q --no-compile --no-deps --force-reinstall "${sdists[0]}"
 echo "dist_smoke: sdist built and installed at ${SECONDS}s"
 (cd "$venv" && "$py" "$root/.ci/smoke.py")
 echo "dist_smoke: done in ${SECONDS}s"
