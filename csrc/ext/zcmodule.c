@@ -312,25 +312,32 @@ cleanup:
     return res;
 }
 
-static PyObject *py_write_manifest(PyObject *self, PyObject *args, PyObject *kw) {
+/* write_manifest() and write_header(): plan from the Python inputs, check dst, write.  header_only
+ * writes just the first data_offset bytes (zc_write_header, flag NO_DATA_CRC). */
+static PyObject *write_meta(PyObject *args, PyObject *kw, int header_only) {
     static char *kwlist[] = {"dst", "storage_sizes", "tensors", NULL};
+    const char *fmt = header_only ? "w*OO:write_header" : "w*OO:write_manifest";
     PyObject *sizes, *tensors, *res = NULL;
     Py_buffer dst;
     layout_input in;
     zc_plan_t plan;
+    uint64_t need;
     int code;
 
     memset(&in, 0, sizeof in); /* layout_free() of a zeroed input is a no-op. */
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "w*OO:write_manifest", kwlist, &dst, &sizes, &tensors)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kwlist, &dst, &sizes, &tensors)) return NULL;
     if (layout_plan(sizes, tensors, &in, &plan) < 0) goto cleanup;
-    if ((uint64_t)dst.len < plan.total_size) {
-        PyErr_Format(PyExc_ValueError, "dst is %zd bytes but the arena needs %llu", dst.len,
-                     (unsigned long long)plan.total_size);
+    need = header_only ? plan.data_offset : plan.total_size;
+    if ((uint64_t)dst.len < need) {
+        PyErr_Format(PyExc_ValueError, "dst is %zd bytes but the %s needs %llu", dst.len,
+                     header_only ? "header and manifest" : "arena", (unsigned long long)need);
         goto cleanup;
     }
-    code = zc_write_manifest(dst.buf, (size_t)dst.len, &plan, in.sizes, in.offsets, in.descs);
+    code = header_only ? zc_write_header(dst.buf, (size_t)dst.len, &plan, in.sizes, in.offsets, in.descs)
+                       : zc_write_manifest(dst.buf, (size_t)dst.len, &plan, in.sizes, in.offsets, in.descs);
     if (code) {
-        raise_code(code, "write_manifest: the plan and its inputs disagree");
+        raise_code(code, header_only ? "write_header: the plan and its inputs disagree"
+                                     : "write_manifest: the plan and its inputs disagree");
         goto cleanup;
     }
     res = Py_NewRef(Py_None);
@@ -340,33 +347,9 @@ cleanup:
     return res;
 }
 
-static PyObject *py_write_header(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"dst", "storage_sizes", "tensors", NULL};
-    PyObject *sizes, *tensors, *res = NULL;
-    Py_buffer dst;
-    layout_input in;
-    zc_plan_t plan;
-    int code;
+static PyObject *py_write_manifest(PyObject *self, PyObject *args, PyObject *kw) { return write_meta(args, kw, 0); }
 
-    memset(&in, 0, sizeof in);
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "w*OO:write_header", kwlist, &dst, &sizes, &tensors)) return NULL;
-    if (layout_plan(sizes, tensors, &in, &plan) < 0) goto cleanup;
-    if ((uint64_t)dst.len < plan.data_offset) {
-        PyErr_Format(PyExc_ValueError, "dst is %zd bytes but the header and manifest need %llu", dst.len,
-                     (unsigned long long)plan.data_offset);
-        goto cleanup;
-    }
-    code = zc_write_header(dst.buf, (size_t)dst.len, &plan, in.sizes, in.offsets, in.descs);
-    if (code) {
-        raise_code(code, "write_header: the plan and its inputs disagree");
-        goto cleanup;
-    }
-    res = Py_NewRef(Py_None);
-cleanup:
-    layout_free(&in);
-    PyBuffer_Release(&dst);
-    return res;
-}
+static PyObject *py_write_header(PyObject *self, PyObject *args, PyObject *kw) { return write_meta(args, kw, 1); }
 
 static PyObject *py_gather(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"dst", "copies", "nthreads", NULL};
