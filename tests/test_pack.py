@@ -321,3 +321,53 @@ def test_cuda_tensors_copied_to_host_while_packing():
     clone, arena = roundtrip(m)
     assert clone[0].weight.device.type == "cpu" and inside(clone[0].weight, arena)
     assert torch.equal(clone[0].weight, m[0].weight.cpu())
+
+
+def test_tensor_ids_persistent_id():
+    """The packer's C persistent_id: None for non-tensors, one index per tensor object."""
+    from ray_zerocopy import _zc
+
+    ids = _zc.TensorIds(torch.Tensor)
+    a, b = torch.zeros(2), nn.Parameter(torch.ones(3))
+    view = a[1:]
+    for obj in (1, "x", [a], {"k": a}, None, nn.Linear(1, 1), object()):
+        assert ids(obj) is None
+    assert [ids(a), ids(b), ids(a), ids(view), ids(b)] == [0, 1, 0, 2, 1]
+    assert ids.found == [a, b, view] and ids.found[2] is view
+    with pytest.raises(TypeError):
+        _zc.TensorIds(42)
+    with pytest.raises(TypeError):
+        ids()
+    assert _zc.TensorIds(torch.Tensor).found == []
+
+
+def test_skeleton_pickler_fast_paths_keep_semantics():
+    """OrderedDicts (filled, empty, with attributes, subclasses), hooks, and functions pickled by
+    value after one pickled by reference all come back as plain cloudpickle would have them."""
+    from collections import OrderedDict
+
+    class ODSub(OrderedDict):
+        pass
+
+    def local_fn(x):  # a local function: pickled by value
+        return x + 1
+
+    od_attr = OrderedDict(a=1)
+    od_attr.note = "kept"
+    m = mlp()
+    m.register_forward_hook(lambda mod, inp, out: None)
+    p = Pipeline()
+    p.model = m
+    p.tables = [OrderedDict(b=2, a=1), OrderedDict(), ODSub(z=3), od_attr]
+    p.fns = [torch.relu, mlp, local_fn, np.add, local_fn]  # mlp: a function by reference
+    clone, _ = roundtrip(p)
+    assert [list(t.items()) for t in clone.tables] == [[("b", 2), ("a", 1)], [], [("z", 3)],
+                                                        [("a", 1)]]
+    assert [type(t).__name__ for t in clone.tables] == ["OrderedDict"] * 2 + ["ODSub", "OrderedDict"]
+    assert type(clone.tables[0]) is OrderedDict and isinstance(clone.tables[2], OrderedDict)
+    assert clone.tables[3].note == "kept"
+    assert clone.fns[0] is torch.relu and clone.fns[1] is mlp and clone.fns[3] is np.add
+    assert clone.fns[2](1) == 2 and clone.fns[2] is clone.fns[4]
+    assert len(clone.model._forward_hooks) == 1
+    x = torch.randn(4, 64)
+    assert torch.equal(clone.model(x), m(x))
