@@ -42,11 +42,12 @@ demo: build
 	$(BIN)/python -m ray_zerocopy demo
 
 # Two lanes at once, each mostly keeping one core busy: libFuzzer and clang-tidy (output held
-# in build/test-lane.log and shown after), and ruff, the C tests and the distributions' smoke test.
+# in build/test-lane.log and shown after), and ruff, mypy, the C tests and the distributions' smoke
+# test.
 # pytest runs after them, alone: some of its tests measure memory and time.
 test: c-tools setup
 	@mkdir -p build; $(MAKE) --no-print-directory test-fuzz lint-c >build/test-lane.log 2>&1 & lane=$$!; \
-	$(MAKE) --no-print-directory lint test-c test-c-asan test-dist; rc=$$?; \
+	$(MAKE) --no-print-directory lint typecheck test-c test-c-asan test-dist; rc=$$?; \
 	wait $$lane; rc_lane=$$?; echo "---- test-fuzz, lint-c:"; cat build/test-lane.log; \
 	[ $$rc -eq 0 ] && [ $$rc_lane -eq 0 ]
 	$(MAKE) --no-print-directory test-py
@@ -102,8 +103,7 @@ lint: setup
 	$(BIN)/ruff check ray_zerocopy
 	$(BIN)/ruff format --check ray_zerocopy
 
-# mypy over the package: not yet clean (torch stub mismatches and Optional narrowing left), so
-# not part of `make test` yet.
+# mypy over the package (config: [tool.mypy] in pyproject.toml); part of `make test`.
 typecheck: setup
 	$(BIN)/mypy
 

@@ -135,7 +135,8 @@ def demo(args: argparse.Namespace) -> int:
                 return self.p(idx), time.perf_counter() - t0
 
         def node_growth(load):
-            actors = [Holder.remote() for _ in range(2)]
+            # mypy ignores class decorators: it does not see that @ray.remote made an ActorClass.
+            actors = [Holder.remote() for _ in range(2)]  # type: ignore[attr-defined]
             ray.get([a.__ray_ready__.remote() for a in actors])
             before = node_pss()
             results = load(actors)
@@ -202,6 +203,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
 
     with open(args.file, "rb") as f:
         magic = f.read(8)
+    arena: memoryview | np.ndarray
     try:
         if magic == b"RZCAFILE":  # an arena file: header, metadata, skeleton, arena
             af = ArenaFile(args.file)

@@ -172,6 +172,7 @@ def call_fresh(
             if background and not _graveyard:
                 _graveyard.extend(held)
                 held.clear()
+                assert entry is not None  # background implies an entry
                 if entry.cached and entry.spare is None and entry.state == "idle":
                     entry.state = "queued"
                     _queue.append(entry)

@@ -120,7 +120,8 @@ def measure_shared_copy(gib: float = 2.0, consumers: int = 4) -> dict:
         import queue
         import time
 
-        reports, deadline = [], time.monotonic() + timeout
+        reports: list[Any] = []
+        deadline = time.monotonic() + timeout
         while len(reports) < len(procs):
             try:
                 reports.append(q.get(timeout=1.0))
@@ -162,9 +163,12 @@ def measure_shared_copy(gib: float = 2.0, consumers: int = 4) -> dict:
     for p in idle:
         p.join(timeout=60)
 
+    holder: DeviceCopy | None  # None once the shared copy is freed, below
+    handle: tuple | None
     holder = DeviceCopy(arena, dev)
     handle = holder.handle()
-    shared_used, rep = run(_consumer, lambda q: (handle, q, len(holder.tensors)))
+    n_tensors = len(holder.tensors)
+    shared_used, rep = run(_consumer, lambda q: (handle, q, n_tensors))
     shared = shared_used - base - contexts
     consumer_alloc = max(r[2] for r in rep)
     ok = all(r[1] for r in rep)

@@ -399,6 +399,8 @@ def load_shared(share: DeviceShare, device: Any) -> Any:
     key = (share.key, physical_id)
     with _lock:
         lease = _leases.get(key)
+    # A reference of this call's own: the janitor may drop lease.arena at any time.
+    arena: _SharedArena | None = None
     if lease is not None:
         try:  # one round trip: the holder is alive, so the cached views are valid
             ray.get(lease.holder.ping.remote(), timeout=HOLDER_TIMEOUT)
@@ -407,15 +409,18 @@ def load_shared(share: DeviceShare, device: Any) -> Any:
                 _leases.pop(key, None)
             lease = None
         else:
-            if lease.arena is None:  # released by the janitor; reopen from the handle
+            arena = lease.arena
+            if arena is None:  # released by the janitor; reopen from the handle
                 lease = None
     if lease is None:
         lease = _open(share, backend, physical_id, local)
+        arena = lease.arena  # set by _open; the janitor cannot see the lease yet
         with _lock:
             _leases[key] = lease
         _start_janitor()
+    assert arena is not None
     lease.last_used = time.monotonic()
-    return rebuild(lease.skeleton, lease.arena)
+    return rebuild(lease.skeleton, arena)
 
 
 def _open(

@@ -24,10 +24,10 @@ import mmap
 import os
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import numpy as np
 import torch
@@ -686,7 +686,7 @@ class CheckpointSource(Source):
         if n < (1 << 20):
             return  # small ones: the store's copy faults them in
         raw = torch.empty(0, dtype=torch.uint8).set_(
-            src.untyped_storage(), src.storage_offset() * src.element_size(), (n,)
+            src.untyped_storage(), src.storage_offset() * src.element_size(), (n,), (1,)
         )
         with _zc.Mapping(raw.numpy()) as m:
             m.populate(0, n, self.nthreads)
@@ -734,12 +734,15 @@ def _initializer_for(pipeline: Any, path: str) -> Any:
     return None
 
 
+_W = TypeVar("_W")  # the wrapper class FromFiles is mixed into
+
+
 class FromFiles:
     """The wrappers' constructors from files; mixed into ``TaskWrapper`` and ``ActorWrapper``
     (and so into the JIT wrappers)."""
 
     @classmethod
-    def from_file(cls, path: PathLike, **kwargs: Any) -> Any:
+    def from_file(cls: Callable[..., _W], path: PathLike, **kwargs: Any) -> _W:
         """Wraps the pipeline saved in an arena file (:func:`ray_zerocopy.save`) without building
         it here: the file is mapped and validated, and its arena goes into the object store in
         one copy from the file's pages. The keyword arguments are the constructor's (``device``,
@@ -756,8 +759,13 @@ class FromFiles:
 
     @classmethod
     def from_safetensors(
-        cls, pipeline: Any, weights: Weights, *, dtype: torch.dtype | None = None, **kwargs: Any
-    ) -> Any:
+        cls: Callable[..., _W],
+        pipeline: Any,
+        weights: Weights,
+        *,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> _W:
         """Wraps a pipeline built on the meta device with its weights from safetensors files.
 
         Every weight is copied once, from the checkpoint file's pages into the object store; the

@@ -26,7 +26,7 @@ from __future__ import annotations
 import io
 import sys
 import threading
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -37,10 +37,11 @@ __all__ = ["reduce", "strip_script_module"]
 
 _ScriptModule = torch.jit.ScriptModule
 _ScriptFunction = torch.jit.ScriptFunction
+_ExportedProgram: type | None
 try:
     from torch.export import ExportedProgram as _ExportedProgram
 except ImportError:  # pragma: no cover - torch without torch.export
-    _ExportedProgram = ()
+    _ExportedProgram = None
 
 # Stripping mutates the module for the duration of one torch.jit.save; serialize strippers so
 # that two threads packing the same module cannot interleave their set_/restore steps.
@@ -68,8 +69,9 @@ def reduce(obj: Any) -> Any:
     if isinstance(obj, _ScriptFunction):
         # A scripted function holds no weights; it comes back as a loaded ScriptModule whose
         # forward is the function (call it the same way).
-        return _rebuild_script_function, (obj.save_to_buffer(),)
-    if _ExportedProgram and isinstance(obj, _ExportedProgram):
+        # _extra_files={} is the binding's default; the stub declares it without one.
+        return _rebuild_script_function, (obj.save_to_buffer(_extra_files={}),)
+    if _ExportedProgram is not None and isinstance(obj, _ExportedProgram):
         return _reduce_exported(obj)
     return NotImplemented
 
@@ -112,7 +114,8 @@ def strip_script_module(module: Any) -> bytes:
                 saved.append(
                     (t, t.untyped_storage(), t.storage_offset(), t.size(), t.stride(), t._version)
                 )
-                t.set_(torch.empty(0, dtype=t.dtype, device=t.device))
+                # set_(Tensor) exists at runtime; torch's stub lists only the Storage overloads.
+                t.set_(torch.empty(0, dtype=t.dtype, device=t.device))  # type: ignore[call-overload]
             buf = io.BytesIO()
             torch.jit.save(module, buf)
             return buf.getvalue()
@@ -199,7 +202,9 @@ def _rebuild_compiled(module: nn.Module, kwargs: dict[str, Any] | None) -> nn.Mo
     if kwargs is None:
         return module
     try:
-        return torch.compile(module, **kwargs)
+        # torch.compile of an nn.Module returns an OptimizedModule (an nn.Module); the stub
+        # only says "a callable with the same signature".
+        return cast(nn.Module, torch.compile(module, **kwargs))
     except Exception:  # e.g. a backend this worker lacks: run eagerly, results are the same
         return module
 
@@ -244,4 +249,7 @@ def _rebuild_exported(
         t = state_dict.get(n)
         if t is not None and not isinstance(t, nn.Parameter):
             state_dict[n] = nn.Parameter(t, requires_grad=False)
-    return deserialize(SerializedArtifact(program, state_dict, constants, example_inputs))
+    # SerializedArtifact's fields are annotated bytes, but deserialize_torch_artifact also takes
+    # an already-deserialized dict (returned as is), which is what the state dict is here.
+    artifact = SerializedArtifact(program, state_dict, constants, example_inputs)  # type: ignore[arg-type]
+    return deserialize(artifact)

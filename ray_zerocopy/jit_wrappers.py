@@ -42,7 +42,7 @@ class ExportedRunner:
 
     def __init__(self, program: Any):
         self.program = program
-        self._module = None
+        self._module: torch.nn.Module | None = None
 
     def module(self) -> torch.nn.Module:
         """``program.module()``, built once per runner: an ``nn.Module`` over the same tensors."""
@@ -186,6 +186,7 @@ class JITModelWrapper(ModelWrapper):
         mode: Literal["task", "actor"] = "actor",
         model_attr_names: list[str] | None = None,
         method_names: tuple[str, ...] | None = None,
+        share_device_copy: bool = False,
     ) -> JITModelWrapper:
         """Packs a compiled model or a pipeline into the object store.
 
@@ -193,7 +194,11 @@ class JITModelWrapper(ModelWrapper):
         """
         pipeline = _as_pipeline(model_or_pipeline)
         wrapper = super().from_model(
-            pipeline, mode=mode, model_attr_names=model_attr_names, method_names=method_names
+            pipeline,
+            mode=mode,
+            model_attr_names=model_attr_names,
+            method_names=method_names,
+            share_device_copy=share_device_copy,
         )
         if isinstance(pipeline, ExportedRunner):
             wrapper._is_standalone_module = True  # task mode: one remote model

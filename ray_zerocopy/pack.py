@@ -221,7 +221,7 @@ class _SkeletonPickler(cloudpickle.Pickler):
     def __init__(self, file: io.BytesIO):
         super().__init__(file, protocol=5)
         self._ids = _zc.TensorIds(torch.Tensor)
-        self.persistent_id = self._ids  # type: ignore[assignment,method-assign]
+        self.persistent_id = self._ids
         self._plain: set[type] = set()
 
     @property

@@ -257,7 +257,9 @@ def rebuild(skeleton: bytes, loaded: LoadedArena) -> Any:
         unpickler = pickle.Unpickler(f)
         # A C-level lookup: no Python frame per tensor (a Python persistent_load costs about
         # 0.7 us per tensor, 3 ms for 5,000). An id outside 0..n-1 raises KeyError.
-        unpickler.persistent_load = table.__getitem__
+        # Setting persistent_load on an instance is documented pickle API; typeshed declares it
+        # a method only.
+        unpickler.persistent_load = table.__getitem__  # type: ignore[method-assign]
         try:
             return unpickler.load()
         except KeyError as exc:

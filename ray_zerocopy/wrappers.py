@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import ray
 from torch import nn
@@ -533,6 +533,9 @@ def _run_module_method(_zc_spec: tuple, *args: Any, **kwargs: Any) -> Any:
     return _worker.call_fresh(box[0], _call_method, path, method, args, kwargs)
 
 
+_MW = TypeVar("_MW", bound="ModelWrapper")
+
+
 class ModelWrapper(_Handle):
     """The API of the published ``ray-zerocopy`` library, over this library's arena.
 
@@ -579,13 +582,13 @@ class ModelWrapper(_Handle):
 
     @classmethod
     def from_model(
-        cls,
+        cls: type[_MW],
         model_or_pipeline: Any,
         mode: Literal["task", "actor"] = "actor",
         model_attr_names: list[str] | None = None,
         method_names: tuple[str, ...] | None = None,
         share_device_copy: bool = False,
-    ) -> ModelWrapper:
+    ) -> _MW:
         """Packs a model or pipeline into the object store.
 
         Args:
