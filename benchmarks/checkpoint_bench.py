@@ -1,4 +1,4 @@
-"""'From checkpoint': a safetensors checkpoint into Ray actors, four ways, side by side.
+"""'From checkpoint': a checkpoint file on /dev/shm to N Ray actors answering, five ways.
 
 Contenders (each in its own process, with its own Ray, one after another):
 
@@ -6,23 +6,35 @@ Contenders (each in its own process, with its own Ray, one after another):
   (nothing built there; one copy from the file's pages into the store), ``w.load()`` in actors;
 - ``ours-from-file``: ``ActorWrapper.from_file(path)`` of an arena file saved once beforehand
   (``ray_zerocopy.save``, not timed);
-- ``load-then-wrap`` (what a user would do without this feature): build the model on the CPU,
-  ``load_state_dict(safetensors.torch.load_file(ckpt))``, ``ActorWrapper(model)``;
-- ``actors-load-safetensors`` (what a user would do without this library): nothing in the driver;
-  every actor builds the model on the meta device and ``load_state_dict(load_file(ckpt),
-  assign=True)`` (safetensors maps the file: actors on a node share its page-cache pages).
+- ``load-then-wrap`` (what a user of this library would do without from_safetensors): build the
+  model on the CPU, ``load_state_dict(safetensors.torch.load_file(ckpt))``, ``ActorWrapper(model)``;
+- ``actors-load-safetensors`` (without this library): nothing in the driver; every actor builds
+  the model on the meta device and ``load_state_dict(load_file(ckpt), assign=True)`` (safetensors
+  maps the file: actors on a node share its page-cache pages);
+- ``actors-torch-load-mmap`` (without this library): the same from a ``torch.save``d state dict
+  (written beforehand, not timed): every actor does ``load_state_dict(torch.load(path,
+  mmap=True, weights_only=True), assign=True)`` on a meta-device model (shared pages too).
 
-Figures: wrap time and the driver's peak private (anonymous) memory growth during it (RssAnon,
-sampled every millisecond), load latency in a fresh actor (median of the actors), node memory
-(PSS over Ray's processes and the driver) with N actors loaded, minus before, and the first
-output compared with the model loaded normally.
+Every file (safetensors, .pt, arena file) lives in a temporary folder under /dev/shm, removed at
+the end, also on error. Figures, per contender:
+
+- time from the file to N actors answering, end to end: the driver's wrap, creating N fresh
+  actors, each loading and answering one call (``ray.get`` of all N answers); the driver's
+  imports (torch's meta kernels included) are done before, the actors' are in it;
+- of which the wrap, and the load in an actor (median of the actors, imports not counted);
+- the driver's peak private (anonymous) memory growth over that span (RssAnon, sampled every
+  millisecond);
+- node memory: PSS over this Ray's processes and the driver with the N actors loaded, minus the
+  same with N idle actors that imported the same modules (stopped before the timed span);
+- the N answers compared with the model's output.
 
 Usage:
-    .venv/bin/python benchmarks/checkpoint_bench.py [--model gpt2-small] [--actors 2]
-        [--only a,b] [--json out.json] [--append-docs docs/benchmarks.md]
+    .venv/bin/python benchmarks/checkpoint_bench.py [--model gpt2-small[,gpt2-medium,...]]
+        [--actors 4] [--only a,b] [--json out.json] [--append-docs docs/benchmarks.md]
 
-``benchmarks/run.py`` runs it after the main benchmark and appends its section to
-docs/benchmarks.md. Never part of ``make test``.
+``benchmarks/run.py`` runs it after the main benchmark (gpt2-medium and gpt-1.3b-bf16 in full and
+focus mode, gpt2-small in quick mode) and appends its section to docs/benchmarks.md. Never part
+of ``make test``.
 """
 
 from __future__ import annotations
@@ -31,6 +43,8 @@ import argparse
 import json
 import os
 import shlex
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,12 +54,16 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-os.environ["PYTHONPATH"] = os.pathsep.join([HERE] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [HERE] + [p for p in [os.environ.get("PYTHONPATH")] if p])
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 CONTENDERS = ["ours-from-safetensors", "ours-from-file", "load-then-wrap",
-              "actors-load-safetensors"]
+              "actors-load-safetensors", "actors-torch-load-mmap"]
+# The ones a user would pick instead of this library: the ratios are against the best of them.
+WITHOUT_US = ["actors-load-safetensors", "actors-torch-load-mmap"]
+SHM = "/dev/shm"
 
 
 def _anon(field: str = "RssAnon") -> int:
@@ -71,6 +89,11 @@ class _PeakAnon:
             self.peak = max(self.peak, _anon())
             time.sleep(0.001)
 
+    def mark(self) -> int:
+        """The peak growth so far."""
+        self.peak = max(self.peak, _anon())
+        return self.peak - self.base
+
     def __exit__(self, *exc):
         self._done.set()
         self._t.join()
@@ -78,8 +101,9 @@ class _PeakAnon:
         self.growth = self.peak - self.base
 
 
-def prepare(spec_name: str, folder: str) -> dict:
-    """Writes the checkpoint (safetensors, tied weights once) and the arena file of the model."""
+def prepare(spec_name: str, folder: str, contenders: list) -> dict:
+    """Writes the model's files (not timed): the safetensors checkpoint (tied weights once), and
+    where a contender needs them the arena file and the torch.save'd state dict."""
     import bench_models as bm
     import torch
     from safetensors.torch import save_model
@@ -88,15 +112,21 @@ def prepare(spec_name: str, folder: str) -> dict:
 
     spec = bm.MODELS[spec_name]
     model = bm.build(spec)
-    ckpt = os.path.join(folder, "model.safetensors")
-    save_model(model, ckpt)
-    rzc = os.path.join(folder, "model.rzc")
-    ray_zerocopy.save(bm.Pipeline(model), rzc)
+    out = {"ckpt": os.path.join(folder, "model.safetensors")}
+    save_model(model, out["ckpt"])
+    if "ours-from-file" in contenders:
+        out["file"] = os.path.join(folder, "model.rzc")
+        ray_zerocopy.save(bm.Pipeline(model), out["file"])
+    if "actors-torch-load-mmap" in contenders:
+        out["pt"] = os.path.join(folder, "model.pt")
+        torch.save(model.state_dict(), out["pt"])
     x = bm.make_input(spec)
-    ref = bm.Pipeline(model)(x)
-    torch_path = os.path.join(folder, "ref.pt")
-    torch.save({"x": x, "y": ref}, torch_path)
-    return {"ckpt": ckpt, "file": rzc, "ref": torch_path, "bytes": os.path.getsize(ckpt)}
+    out["ref"] = os.path.join(folder, "ref.pt")
+    torch.save({"x": x, "y": bm.Pipeline(model)(x)}, out["ref"])
+    out["bytes"] = os.path.getsize(out["ckpt"])
+    out["n_params"] = bm.n_params(model)
+    out["dtype"] = spec["dtype"]
+    return out
 
 
 def _meta_pipeline(spec):
@@ -108,6 +138,61 @@ def _meta_pipeline(spec):
     return bm.Pipeline(m)
 
 
+def _tied_groups(model) -> list:
+    """Names that share one tensor (a tied embedding and lm_head), from a model before
+    ``to_empty`` (which unties)."""
+    by_id: dict = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        by_id.setdefault(id(t), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _fill_tied(sd: dict, groups: list) -> dict:
+    """safetensors stores a tied tensor once, under one of its names: give it all of them (what a
+    user's loading code has to do too, so that ``strict`` loading finds every key)."""
+    for names in groups:
+        have = [n for n in names if n in sd]
+        for n in names:
+            if have:
+                sd.setdefault(n, sd[have[0]])
+    return sd
+
+
+def _meta_kernels() -> None:
+    """Imports torch's Python meta kernels (sympy and others, 820 modules, about 67 MiB private
+    and 2 s here with torch 2.13), which the first model built on the meta device imports: an
+    import, done before the timers start."""
+    import torch
+
+    torch.empty(1, device="meta").normal_()
+
+
+def _node_pss() -> int:
+    """PSS of this driver and the Ray processes it started (not other Ray instances on the
+    machine): the minimum of three samples 0.3 s apart (workers settle)."""
+    import bench_common as bc
+
+    vals = []
+    for _ in range(3):
+        time.sleep(0.3)
+        vals.append(bc.node_pss(root=os.getpid()))
+    return min(vals)
+
+
+def _wait_gone(pids, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < end:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break
+            except OSError:
+                break
+            time.sleep(0.05)
+
+
 def run_one(name: str, spec_name: str, files: dict, actors: int) -> dict:
     import bench_common as bc
     import bench_models as bm
@@ -116,27 +201,47 @@ def run_one(name: str, spec_name: str, files: dict, actors: int) -> dict:
 
     spec = bm.MODELS[spec_name]
     ref = torch.load(files["ref"])
+    store = min(int(files["bytes"] * 2.5) + (256 << 20), int(0.8 * bc.shm_available()))
     ray.init(num_cpus=max(2, actors), include_dashboard=False, log_to_driver=False,
-             object_store_memory=int(files["bytes"] * 2.5) + (256 << 20))
+             object_store_memory=store)
     try:
-        from safetensors.torch import load_file
+        import safetensors.torch  # noqa: F401  (the driver's imports are not timed)
 
-        import ray_zerocopy.wrappers  # noqa: F401  (imports are not timed)
+        import ray_zerocopy.wrappers  # noqa: F401
+        from ray_zerocopy import ActorWrapper
+
+        if name in ("ours-from-safetensors", "load-then-wrap"):  # they build on meta
+            _meta_kernels()
 
         @ray.remote(num_cpus=0)
         class Holder:
-            def ready(self):
-                return True
+            def warm(self):
+                """The modules a loaded actor has imported; the pid."""
+                import importlib
 
-            def load(self, handle, spec_name, ckpt):
+                for mod in ("torch", "safetensors.torch", "bench_models", "ray_zerocopy.wrappers"):
+                    importlib.import_module(mod)
+                return os.getpid()
+
+            def load(self, handle, spec_name, files):
+                # Imports are not in the load time (the handle's were done while unpickling
+                # it); they are in the end-to-end time.
                 import bench_models as bm2
+                import torch as t2
+                from safetensors.torch import load_file
 
+                if handle is None:
+                    _meta_kernels()
                 t0 = time.perf_counter()
                 if handle is not None:
                     self.p = handle.load()
-                else:  # actors-load-safetensors: the actor reads the file itself
+                else:  # actors-*: the actor reads the file itself
                     p = _meta_pipeline(bm2.MODELS[spec_name])
-                    p.model.load_state_dict(load_file(ckpt), assign=True)
+                    if "pt" in files:
+                        sd = t2.load(files["pt"], mmap=True, weights_only=True)
+                    else:
+                        sd = _fill_tied(load_file(files["ckpt"]), _tied_groups(p.model))
+                    p.model.load_state_dict(sd, assign=True)
                     if hasattr(p.model, "tie"):
                         p.model.tie()
                     self.p = p
@@ -145,71 +250,178 @@ def run_one(name: str, spec_name: str, files: dict, actors: int) -> dict:
             def run(self, x):
                 return self.p(x)
 
-        hs = [Holder.remote() for _ in range(actors)]
-        ray.get([h.ready.remote() for h in hs])
-        before = bc.settle_node_pss()
+        # Baseline for node memory: N actors that imported what a loaded one has, then stopped
+        # (so that the timed span starts N fresh actors, as a user's deployment would).
+        idle = [Holder.remote() for _ in range(actors)]
+        pids = ray.get([h.warm.remote() for h in idle])
+        before = _node_pss()
+        for h in idle:
+            ray.kill(h)
+        _wait_gone(pids)
+        del idle
+        time.sleep(0.5)
+
+        mine = {k: v for k, v in files.items()
+                if k in (("pt",) if name == "actors-torch-load-mmap" else ("ckpt",))}
         t0 = time.perf_counter()
         with _PeakAnon() as peak:
             if name == "ours-from-safetensors":
-                from ray_zerocopy import ActorWrapper
-
-                handle = ActorWrapper.from_safetensors(_meta_pipeline(spec), {"model": files["ckpt"]})
+                handle = ActorWrapper.from_safetensors(_meta_pipeline(spec),
+                                                       {"model": files["ckpt"]})
             elif name == "ours-from-file":
-                from ray_zerocopy import ActorWrapper
-
                 handle = ActorWrapper.from_file(files["file"])
             elif name == "load-then-wrap":
-                from ray_zerocopy import ActorWrapper
+                from safetensors.torch import load_file
 
-                model = bm.build_skeleton(spec).to_empty(device="cpu")
-                model.load_state_dict(load_file(files["ckpt"]), strict=False)
+                skeleton = bm.build_skeleton(spec)
+                groups = _tied_groups(skeleton)
+                model = skeleton.to_empty(device="cpu")
+                model.load_state_dict(_fill_tied(load_file(files["ckpt"]), groups))
                 if hasattr(model, "tie"):
                     model.tie()
                 handle = ActorWrapper(bm.Pipeline(model.eval()))
                 del model
             else:
                 handle = None
-        wrap_s = time.perf_counter() - t0
-        loads = ray.get([h.load.remote(handle, spec_name, files["ckpt"]) for h in hs])
-        out = ray.get(hs[0].run.remote(ref["x"]))
-        grown = bc.settle_node_pss() - before
-        return {"wrap_s": wrap_s, "driver_anon_peak": peak.growth, "load_s": loads,
+            wrap_s = time.perf_counter() - t0
+            wrap_peak = peak.mark()
+            hs = [Holder.remote() for _ in range(actors)]
+            loads = [h.load.remote(handle, spec_name, mine) for h in hs]
+            outs = ray.get([h.run.remote(ref["x"]) for h in hs])
+        total_s = time.perf_counter() - t0
+        load_s = ray.get(loads)
+        grown = _node_pss() - before
+        y = ref["y"].float()
+        equal = all(torch.allclose(o.float(), y, atol=1e-4, rtol=1e-3) for o in outs)
+        return {"total_s": total_s, "wrap_s": wrap_s, "load_s": load_s,
+                "driver_anon_peak": peak.growth, "driver_anon_peak_wrap": wrap_peak,
                 "driver_shmem": _anon("RssShmem"),
-                "node_pss": grown, "equal": bool(torch.allclose(out, ref["y"], atol=1e-4))}
+                "node_pss": grown, "equal": bool(equal), "store_bytes": store}
     finally:
         ray.shutdown()
 
 
-def markdown(res: dict, meta: dict) -> str:
-    size = meta["bytes"]
+# --------------------------------------------------------------------------- report
+
+
+def _mib(x: float) -> str:
+    return f"{x / 2**20:,.0f} MiB" if abs(x) >= 10 * 2**20 else f"{x / 2**20:,.1f} MiB"
+
+
+def _secs(x: float) -> str:
+    return f"{x:.2f} s" if x >= 1 else f"{x * 1e3:,.0f} ms"
+
+
+def _best(results: dict, key: str):
+    vals = [results[n][key] for n in WITHOUT_US if n in results and "error" not in results[n]]
+    return min(vals) if vals else None
+
+
+def _ratio(x, best) -> str:
+    return "-" if not best or best <= 0 else f"{x / best:.2f}x"
+
+
+def markdown(data: dict) -> str:
+    """The 'From checkpoint' section: one table per model."""
+    meta = data["meta"]
+    m = meta.get("machine", {})
+    n = meta["actors"]
     lines = [
         "## From checkpoint\n",
-        f"A `{meta['model']}` safetensors checkpoint ({size / 2**20:,.0f} MiB) into {meta['actors']} "
-        "actors (`benchmarks/checkpoint_bench.py`; each contender in its own process and Ray). "
-        "Wrap: the driver's time and its peak private (anonymous) memory growth; load: median "
-        "in a fresh actor; node memory: PSS of Ray's processes and the driver after the loads, "
-        f"minus before. Command: `{meta['command']}`.\n",
-        "| contender | wrap | driver private peak | load in actor | node memory | output |",
-        "|---|---|---|---|---|---|"]
-    for name, r in res.items():
-        if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:80]} | | | | |")
+        f"A checkpoint file on `/dev/shm` to {n} Ray actors answering, five ways "
+        "(`benchmarks/checkpoint_bench.py`; each contender in its own process and Ray, one "
+        "after another; files written beforehand, not timed). **File to "
+        f"{n} answering**: end to end, the driver's wrap, starting {n} fresh actors, each "
+        "loading and answering one call. Of which: the wrap, and the load in an actor (median "
+        "of the actors, imports not counted; the actors start together, so a load shares the "
+        "CPUs with the others' start-up). **Driver private peak**: the driver's peak "
+        "anonymous memory (RssAnon) growth during the wrap, and over the whole span (Ray's "
+        "own allocations for starting actors included). **Node memory**: PSS of this Ray's "
+        "processes and the driver "
+        f"with the {n} actors loaded, minus the same with {n} idle actors that imported the same "
+        "modules. The checkpoint file's own pages are RAM for every contender while it stays in "
+        "`/dev/shm`: the `actors-*` contenders map them (PSS counts them once), ours copy them "
+        "into the object store (PSS counts the store's copy, not the unmapped file). The first "
+        "model built on the meta device in a process imports torch's Python meta kernels "
+        "(sympy and others, about 67 MiB private and 2 s on 2 busy cores with torch 2.13): the "
+        "driver imports them before the clock starts (with its other imports), the `actors-*`"
+        " contenders' actors in the end-to-end time and their node memory (not in their load "
+        "time). Ratios are "
+        "against the best of the two contenders without ray_zerocopy (`actors-load-safetensors`"
+        ", `actors-torch-load-mmap`), per column.\n",
+        f"- Command: `{meta['command']}`" + (f" (run by `{meta['via']}`)" if meta.get("via")
+                                              else "") + f", {meta.get('date', '')}",
+        f"- Machine: {m.get('cpu_model', '?')}, {m.get('cpus')} CPUs, "
+        f"{m.get('ram_bytes', 0) / 2**30:.1f} GiB RAM, /dev/shm "
+        f"{m.get('shm_bytes', 0) / 2**30:.1f} GiB, Linux {m.get('kernel')}; "
+        + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
+        "- Contenders: `ours-from-safetensors` = `ActorWrapper.from_safetensors(meta_model, "
+        "ckpt)`, `w.load()` in the actors; `ours-from-file` = `ActorWrapper.from_file()` of an "
+        "arena file (`ray_zerocopy.save`); `load-then-wrap` = model built in the driver, "
+        "`load_state_dict(load_file(ckpt))`, `ActorWrapper(model)`; `actors-load-safetensors` = "
+        "each actor: meta-device model, `load_state_dict(safetensors.torch.load_file(ckpt), "
+        "assign=True)`; `actors-torch-load-mmap` = each actor: meta-device model, "
+        "`load_state_dict(torch.load(pt, mmap=True, weights_only=True), assign=True)`.",
+        ""]
+    for model, md in data["models"].items():
+        if "error" in md:
+            lines += [f"**{model}**: failed before the contenders ran: {md['error'][-300:]}", ""]
             continue
-        lines.append(
-            f"| {name} | {r['wrap_s']:.3f} s | {r['driver_anon_peak'] / 2**20:,.1f} MiB "
-            f"({r['driver_anon_peak'] / size:.1%}) | {statistics.median(r['load_s']) * 1e3:,.1f} ms "
-            f"| {r['node_pss'] / 2**20:,.0f} MiB ({r['node_pss'] / size:.2f} models) | "
-            f"{'same' if r['equal'] else 'DIFFERS'} |")
+        size = md["bytes"]
+        res = md["results"]
+        lines.append(f"**{model}** ({md['n_params'] / 1e6:,.0f}M parameters, {md['dtype']}, "
+                     f"safetensors file {size / 2**20:,.0f} MiB), {n} actors\n")
+        head = ["contender", f"file to {n} answering", "vs best without us", "wrap",
+                "load in actor", "driver private peak: wrap / all", "node memory",
+                "vs best without us", "output"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        bt, bm_ = _best(res, "total_s"), _best(res, "node_pss")
+        for name, r in res.items():
+            if "error" in r:
+                err = r["error"].strip().splitlines()[-1][-160:].replace("|", "/")
+                lines.append(f"| {name} | failed: {err} |" + " |" * (len(head) - 2))
+                continue
+            lines.append(
+                f"| {name} | {_secs(r['total_s'])} | {_ratio(r['total_s'], bt)} | "
+                f"{_secs(r['wrap_s'])} | {_secs(statistics.median(r['load_s']))} | "
+                f"{_mib(r['driver_anon_peak_wrap']) if 'driver_anon_peak_wrap' in r else '-'} / "
+                f"{_mib(r['driver_anon_peak'])} "
+                f"({r['driver_anon_peak'] / size:.2f} models) | "
+                f"{_mib(r['node_pss'])} ({r['node_pss'] / size:.2f} models) | "
+                f"{_ratio(r['node_pss'], bm_)} | {'same' if r['equal'] else 'DIFFERS'} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _contender(name, model, files, actors, timeout) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--model", model, "--actors", str(actors),
+           "--_one", name, "--_files", json.dumps(files)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if line:
+        return json.loads(line[-1][7:])
+    return {"error": f"exit {p.returncode}: " + (p.stderr.strip() or p.stdout.strip())[-600:]}
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # so that the finally blocks remove the files
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="gpt2-small")
-    ap.add_argument("--actors", type=int, default=2)
-    ap.add_argument("--only", default="")
+    ap.add_argument("--model", default="gpt2-small", help="one or more, comma-separated")
+    ap.add_argument("--actors", type=int, default=4)
+    ap.add_argument("--only", default="", help="comma-separated contenders")
     ap.add_argument("--json", default="")
     ap.add_argument("--append-docs", default="")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per contender")
+    ap.add_argument("--via", default="", help="the command that ran this one (for the docs)")
     ap.add_argument("--_one", default="", help=argparse.SUPPRESS)
     ap.add_argument("--_files", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -217,38 +429,66 @@ def main() -> int:
         res = run_one(args._one, args.model, json.loads(args._files), args.actors)
         print("RESULT " + json.dumps(res))
         return 0
-    command = "python benchmarks/checkpoint_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    folder = tempfile.mkdtemp(prefix="rzc-ckpt-bench-")
-    out = subprocess.run([sys.executable, "-c",
-                          "import json, sys; sys.path.insert(0, %r); import checkpoint_bench as c; "
-                          "print(json.dumps(c.prepare(%r, %r)))" % (HERE, args.model, folder)],
-                         capture_output=True, text=True, check=True)
-    files = json.loads(out.stdout.strip().splitlines()[-1])
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    import bench_common as bc
+
     only = [s for s in args.only.split(",") if s]
-    results = {}
-    for name in CONTENDERS:
-        if only and name not in only:
-            continue
-        print(f"-- {name}", flush=True)
-        p = subprocess.run([sys.executable, __file__, "--model", args.model, "--actors",
-                            str(args.actors), "--_one", name, "--_files", json.dumps(files)],
-                           capture_output=True, text=True, timeout=1800)
-        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-        results[name] = json.loads(line[-1][7:]) if line else {"error": p.stderr.strip()[-300:]}
-        print("   ", results[name], flush=True)
-    meta = {"model": args.model, "actors": args.actors, "bytes": files["bytes"],
-            "command": command}
-    text = markdown(results, meta)
+    unknown = sorted(set(only) - set(CONTENDERS))
+    if unknown:
+        ap.error(f"unknown contenders {unknown}; known: {CONTENDERS}")
+    contenders = [c for c in CONTENDERS if not only or c in only]
+    models = [s for s in args.model.split(",") if s]
+    command = (f"python benchmarks/checkpoint_bench.py --model {shlex.quote(','.join(models))} "
+               f"--actors {args.actors}" + (f" --only {shlex.quote(args.only)}" if only else ""))
+    vers = {k: v for k, v in bc.versions().items() if k in ("python", "torch", "ray")}
+    try:
+        from importlib import metadata
+
+        vers["safetensors"] = metadata.version("safetensors")
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+    data = {"meta": {"command": command, "via": args.via, "actors": args.actors,
+                     "date": time.strftime("%Y-%m-%d %H:%M"), "machine": bc.machine_info(),
+                     "versions": vers, "contenders": contenders},
+            "models": {}}
+    folder = tempfile.mkdtemp(prefix="rzc-ckpt-bench-", dir=SHM)
+    try:
+        for model in models:
+            sub = os.path.join(folder, model)
+            os.mkdir(sub)
+            print(f"== {model}: writing the files into {sub}", flush=True)
+            p = subprocess.run(
+                [sys.executable, "-c",
+                 f"import json, sys; sys.path.insert(0, {HERE!r}); import checkpoint_bench as c; "
+                 f"print(json.dumps(c.prepare({model!r}, {sub!r}, {contenders!r})))"],
+                capture_output=True, text=True)
+            if p.returncode != 0:
+                data["models"][model] = {"error": p.stderr.strip()[-600:]}
+                print("   prepare failed:", p.stderr.strip()[-600:], flush=True)
+                shutil.rmtree(sub, ignore_errors=True)
+                continue
+            files = json.loads(p.stdout.strip().splitlines()[-1])
+            md = {k: files[k] for k in ("bytes", "n_params", "dtype")}
+            md["results"] = {}
+            data["models"][model] = md
+            paths = {k: v for k, v in files.items() if k in ("ckpt", "file", "pt", "ref", "bytes")}
+            for name in contenders:
+                print(f"-- {model} / {name}", flush=True)
+                t = time.perf_counter()
+                md["results"][name] = r = _contender(name, model, paths, args.actors,
+                                                     args.timeout)
+                print(f"   ({time.perf_counter() - t:.0f} s) {r}", flush=True)
+            shutil.rmtree(sub, ignore_errors=True)  # frees /dev/shm before the next model
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    text = markdown(data)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
+            json.dump(data, f, indent=1)
     if args.append_docs:
         with open(args.append_docs, "a") as f:
             f.write("\n" + text)
-    for name in ("model.safetensors", "model.rzc", "ref.pt"):
-        os.unlink(os.path.join(folder, name))
-    os.rmdir(folder)
     return 0
 
 

@@ -6,7 +6,9 @@ contender's ratio against ours, checks the targets, and writes docs/benchmarks.m
     make bench-quick        # python benchmarks/run.py --mode quick   (under 10 minutes here)
     make bench              # python benchmarks/run.py --mode full
 
-Options: --only a,b (subset of contenders), --no-docs (JSON only), --results DIR.
+Options: --only a,b (subset of contenders), --no-docs (JSON only), --results DIR,
+--no-checkpoint (skip the 'From checkpoint' section, benchmarks/checkpoint_bench.py, which runs
+after the main contenders, also with --only, and is appended to docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ PLANS = {
         "load_repeats": 3, "steady_calls": 3, "wrap_repeats": 1, "task_calls": 10,
         "data_rows": 16, "data_batch": 8, "copy_actor_cap": 4,
         "contender_figures": {"ours-actor-fastload": ["load", "inference"]},
+        "checkpoint_models": ["gpt2-small"],
     },
     "smoke": {  # a fast check of the harness itself, not a benchmark
         "models": [
@@ -73,6 +76,7 @@ PLANS = {
         "load_repeats": 2, "steady_calls": 4, "wrap_repeats": 1, "task_calls": 5,
         "data_rows": 16, "data_batch": 8,
         "contender_figures": {"ours-actor-fastload": ["load", "inference"]},
+        "checkpoint_models": ["stack-200t-d512"],
     },
     # The figures the open issues are judged on (one-copy wrap, task overhead), in about a third
     # of the full run's time; one process per contender and model, as in full.
@@ -90,6 +94,7 @@ PLANS = {
         "load_repeats": 5, "steady_calls": 5, "wrap_repeats": 4, "task_calls": 30,
         "data_rows": 16, "data_batch": 8, "copy_actor_cap": 4,
         "contender_figures": {"ours-actor-fastload": ["load"]},
+        "checkpoint_models": ["gpt2-medium", "gpt-1.3b-bf16"],
     },
     "full": {
         "models": [
@@ -107,8 +112,10 @@ PLANS = {
         "load_repeats": 7, "steady_calls": 20, "wrap_repeats": 4, "task_calls": 30,
         "data_rows": 128, "data_batch": 8,
         "contender_figures": {"ours-actor-fastload": ["load", "inference"]},
+        "checkpoint_models": ["gpt2-medium", "gpt-1.3b-bf16"],
     },
 }
+CHECKPOINT_ACTORS = 4  # the 'From checkpoint' section: a file on /dev/shm to 4 actors answering
 
 
 def model_nbytes(name):
@@ -390,7 +397,9 @@ def write_docs(path, results, plan, targets, meta):
     w("## 1. Wrapping in the driver\n")
     w("Wall time of the wrap call (first wrap in the process, then the spread of further wraps, "
       "which reuse the object store's pages), and the driver's peak extra RSS during the first "
-      "wrap (VmHWM reset before; RSS includes the object store pages the driver writes), in "
+      "wrap (VmHWM reset before; RSS includes the object store pages the driver writes; every "
+      "contender's driver has made one 4 KiB `ray.put` first, because Ray's first put in a "
+      "process adds about 29 MiB of RSS whatever its size), in "
       "models; memory is shown only where the wrap was the first in its process (a driver that "
       "has wrapped before keeps freed heap and store pages mapped, so its RSS does not grow). "
       "Ratios are against ours of the same kind (ActorWrapper for actor contenders, "
@@ -618,12 +627,44 @@ def gpu_section(w):
             w(f"\n50 GB/s target: **{'met' if met else 'missed'}**.\n")
 
 
+def run_checkpoint(models, json_path, log_path, docs_path, via):
+    """The 'From checkpoint' section (benchmarks/checkpoint_bench.py, its own contenders): runs
+    it, streams its progress, and appends its section to docs_path (if any). Returns its exit
+    status; where it left no JSON, appends a line saying so, so that a missing section is seen."""
+    cmd = [OURS_PY, os.path.join(HERE, "checkpoint_bench.py"), "--model", ",".join(models),
+           "--actors", str(CHECKPOINT_ACTORS), "--json", json_path, "--via", via]
+    if docs_path:
+        cmd += ["--append-docs", docs_path]
+    print("-- checkpoint: " + " ".join(shlex.quote(c.replace(ROOT + "/", "")) for c in cmd),
+          flush=True)
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    env.pop("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", None)
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, cwd=ROOT)
+        for line in proc.stdout:
+            log.write(line)
+            if line.startswith(("==", "--", "   (")):
+                print("   ", line.rstrip()[:200], flush=True)
+        rc = proc.wait()
+    print(f"   checkpoint: exit {rc}, {time.perf_counter() - t0:.0f} s", flush=True)
+    if docs_path and not os.path.exists(json_path):
+        with open(docs_path, "a") as f:
+            f.write(f"\n## From checkpoint\n\nNot measured: `benchmarks/checkpoint_bench.py` "
+                    f"exited {rc} (log: `{os.path.relpath(log_path, ROOT)}`).\n")
+    return rc
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mode", choices=sorted(PLANS), default="quick")
     ap.add_argument("--only", default="", help="comma-separated contenders")
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--no-checkpoint", action="store_true",
+                    help="skip the 'From checkpoint' section (benchmarks/checkpoint_bench.py)")
     ap.add_argument("--report-only", default="", help="rebuild docs from a summary JSON")
     args = ap.parse_args()
     command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -632,8 +673,16 @@ def main():
         with open(args.report_only) as f:
             summary = json.load(f)
         plan = summary["plan"]
-        write_docs(os.path.join(ROOT, "docs", "benchmarks.md"), summary["results"], plan,
-                   summary["targets"], summary["meta"])
+        docs = os.path.join(ROOT, "docs", "benchmarks.md")
+        write_docs(docs, summary["results"], plan, summary["targets"], summary["meta"])
+        ckpt = summary["meta"].get("checkpoint_json")
+        if ckpt and os.path.exists(ckpt):  # the 'From checkpoint' section, from its JSON
+            import checkpoint_bench
+
+            with open(ckpt) as f:
+                text = checkpoint_bench.markdown(json.load(f))
+            with open(docs, "a") as f:
+                f.write("\n" + text)
         print("\n".join(plots(summary["results"], plan, os.path.join(ROOT, "docs", "img"))))
         return 0
 
@@ -709,6 +758,9 @@ def main():
     meta = {"command": command, "mode": args.mode, "date": time.strftime("%Y-%m-%d %H:%M"),
             "seconds": seconds, "machine": machine, "skipped": skipped, "memcpy_gbps": memcpy,
             "versions": {venv_names[k]: v for k, v in versions.items()}}
+    ckpt_json = os.path.join(run_dir, "checkpoint.json")
+    if not args.no_checkpoint:
+        meta["checkpoint_json"] = ckpt_json  # for --report-only
     summary = {"meta": meta, "plan": plan, "targets": targets, "results": results}
     bc.write_json(os.path.join(run_dir, "summary.json"), summary)
     bc.write_json(os.path.join(args.results, f"latest-{args.mode}.json"), summary)
@@ -722,12 +774,13 @@ def main():
         for p in plots(results, plan, os.path.join(ROOT, "docs", "img")):
             print("   wrote", p)
         print("   wrote docs/benchmarks.md")
-    if not args.no_docs and not only:
-        # 'From checkpoint': its own contenders (benchmarks/checkpoint_bench.py), appended.
-        model = "gpt2-small" if args.mode == "quick" else "gpt2-medium"
-        subprocess.run([OURS_PY, os.path.join(HERE, "checkpoint_bench.py"), "--model", model,
-                        "--json", os.path.join(run_dir, "checkpoint.json"),
-                        "--append-docs", os.path.join(ROOT, "docs", "benchmarks.md")], cwd=ROOT)
+    if not args.no_checkpoint:
+        # 'From checkpoint': its own contenders, run whatever --only says (--only picks among
+        # the main contenders above), appended to the docs just written.
+        run_checkpoint(plan["checkpoint_models"], ckpt_json,
+                       os.path.join(run_dir, "checkpoint.log"),
+                       "" if args.no_docs else os.path.join(ROOT, "docs", "benchmarks.md"),
+                       command)
     return 0
 
 
