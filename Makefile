@@ -11,6 +11,12 @@ PIP := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 FUZZ_SECONDS ?= 60
 
+# Python writes the .pyc of what it imports, once, into the venv. Where PYTHONDONTWRITEBYTECODE
+# is set (this machine sets it), nothing would write them, since setup installs with pip's
+# --no-compile, and every Ray worker of every test would compile torch again (about 9 s of CPU
+# each). Recipes run without it.
+unexport PYTHONDONTWRITEBYTECODE
+
 CSRC := $(wildcard csrc/*.c csrc/*.h csrc/ext/*.c include/zerocopy/*.h) CMakeLists.txt pyproject.toml
 
 .PHONY: all setup build demo test test-c test-c-asan test-fuzz test-py bench bench-quick fuzz gpu-check clean \
@@ -22,8 +28,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Third-party dependencies, in one resolve with torch pinned (TORCH_SPEC), so nothing else pulls a
-# CUDA build. --no-compile: pip would otherwise byte-compile every module of every package (about
-# half of the install's time); Python compiles what is imported, once, on first import.
+# CUDA build. --no-compile: pip byte-compiles every module of every package on one core, about
+# half of the install's time; Python compiles what is imported, on first import (see below).
 $(VENV)/.deps: $(BIN)/python pyproject.toml
 	$(PIP) install -q --no-compile "$(TORCH_SPEC)" "numpy>=1.22" "cloudpickle>=2.0" "ray[data]>=2.9" \
 		"pytest>=7" psutil grpcio matplotlib "scikit-build-core>=0.10" cmake ninja \
