@@ -72,6 +72,23 @@ def _gone_within(name: str, seconds: float = 30.0) -> bool:
     return False
 
 
+def _dead_within(handle, seconds: float = 30.0) -> bool:
+    """True once the actor answers no more. ray.kill is asynchronous: the name is released by
+    the GCS before the process has stopped, and a call that reaches it in between is answered."""
+    import ray
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.ping.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return True
+        except ray.exceptions.GetTimeoutError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 def test_options_are_checked_before_packing():
     with pytest.raises(rzc.DeviceError, match="device='cuda'"):
         rzc.ActorWrapper(mlp(), share_device_copy=True)
@@ -141,8 +158,10 @@ def test_lifetime_and_errors(ray_session, fake_backend, monkeypatch):
     # a holder that dies (killed, node trouble) is replaced on the next load: one more upload
     ray.kill(holder)
     assert _gone_within(name)
+    assert _dead_within(holder)  # else the cached copy's check may still reach it
     assert torch.equal(wrapper.load()(x), y)
-    assert len(uploads(fake_backend)) == 2
+    made = uploads(fake_backend)
+    assert len(made) == 2, made
 
     # dropping the wrapper and what was loaded from it ends the registry and the holders (the
     # process's cache lets go of an opened copy RAY_ZEROCOPY_CACHE_TTL = 2 s after its last use)
@@ -167,8 +186,11 @@ def test_owner_exit_gives_a_clear_error_on_the_next_load(ray_session, fake_backe
     x = torch.randn(2, 64)
     p = wrapper.load()
     y = p(x)
+    name = holder_name(wrapper.object_ref.hex(), f"{fake_backend}-A")
+    holder = ray.get_actor(name, namespace=NAMESPACE)
     ray.kill(owner)  # the wrapping process exits: its registry and holders go with it
-    assert _gone_within(holder_name(wrapper.object_ref.hex(), f"{fake_backend}-A"))
+    assert _gone_within(name)
+    assert _dead_within(holder)
     with pytest.raises(rzc.OwnerDiedError, match="shared device copy of this wrapper is gone"):
         wrapper.load()
     # the pipeline loaded before is not a crash with this fake (its mapping stays valid);
