@@ -8,7 +8,9 @@ contender's ratio against ours, checks the targets, and writes docs/benchmarks.m
 
 Options: --only a,b (subset of contenders), --no-docs (JSON only), --results DIR,
 --no-checkpoint (skip the 'From checkpoint' section, benchmarks/checkpoint_bench.py, which runs
-after the main contenders, also with --only, and is appended to docs/benchmarks.md).
+after the main contenders, also with --only, and is appended to docs/benchmarks.md),
+--no-alternated (skip the section of benchmarks/wrap_alternated.py, ours and Ray's wrap
+alternated in one process, appended before it).
 """
 
 from __future__ import annotations
@@ -628,14 +630,27 @@ def gpu_section(w):
 
 
 def run_checkpoint(models, json_path, log_path, docs_path, via):
-    """The 'From checkpoint' section (benchmarks/checkpoint_bench.py, its own contenders): runs
-    it, streams its progress, and appends its section to docs_path (if any). Returns its exit
-    status; where it left no JSON, appends a line saying so, so that a missing section is seen."""
-    cmd = [OURS_PY, os.path.join(HERE, "checkpoint_bench.py"), "--model", ",".join(models),
-           "--actors", str(CHECKPOINT_ACTORS), "--json", json_path, "--via", via]
+    """The 'From checkpoint' section (benchmarks/checkpoint_bench.py, its own contenders)."""
+    return run_section("checkpoint_bench.py", "From checkpoint",
+                       ["--model", ",".join(models), "--actors", str(CHECKPOINT_ACTORS),
+                        "--via", via], json_path, log_path, docs_path)
+
+
+def run_alternated(models, rounds, json_path, log_path, docs_path):
+    """The 'Wrap time, alternated' section (benchmarks/wrap_alternated.py)."""
+    return run_section("wrap_alternated.py", "Wrap time, ours and Ray's alternated in one process",
+                       ["--model", ",".join(models), "--rounds", str(rounds)],
+                       json_path, log_path, docs_path)
+
+
+def run_section(script, title, args, json_path, log_path, docs_path):
+    """Runs a benchmark script that writes its own section, streams its progress, and appends
+    the section to docs_path (if any). Returns its exit status; where it left no JSON, appends
+    a line saying so, so that a missing section is seen."""
+    cmd = [OURS_PY, os.path.join(HERE, script), *args, "--json", json_path]
     if docs_path:
         cmd += ["--append-docs", docs_path]
-    print("-- checkpoint: " + " ".join(shlex.quote(c.replace(ROOT + "/", "")) for c in cmd),
+    print(f"-- {script}: " + " ".join(shlex.quote(c.replace(ROOT + "/", "")) for c in cmd),
           flush=True)
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1")
@@ -649,10 +664,10 @@ def run_checkpoint(models, json_path, log_path, docs_path, via):
             if line.startswith(("==", "--", "   (")):
                 print("   ", line.rstrip()[:200], flush=True)
         rc = proc.wait()
-    print(f"   checkpoint: exit {rc}, {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"   {script}: exit {rc}, {time.perf_counter() - t0:.0f} s", flush=True)
     if docs_path and not os.path.exists(json_path):
         with open(docs_path, "a") as f:
-            f.write(f"\n## From checkpoint\n\nNot measured: `benchmarks/checkpoint_bench.py` "
+            f.write(f"\n## {title}\n\nNot measured: `benchmarks/{script}` "
                     f"exited {rc} (log: `{os.path.relpath(log_path, ROOT)}`).\n")
     return rc
 
@@ -665,6 +680,8 @@ def main():
     ap.add_argument("--no-docs", action="store_true")
     ap.add_argument("--no-checkpoint", action="store_true",
                     help="skip the 'From checkpoint' section (benchmarks/checkpoint_bench.py)")
+    ap.add_argument("--no-alternated", action="store_true",
+                    help="skip the 'Wrap time, alternated' section (benchmarks/wrap_alternated.py)")
     ap.add_argument("--report-only", default="", help="rebuild docs from a summary JSON")
     args = ap.parse_args()
     command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -675,14 +692,18 @@ def main():
         plan = summary["plan"]
         docs = os.path.join(ROOT, "docs", "benchmarks.md")
         write_docs(docs, summary["results"], plan, summary["targets"], summary["meta"])
-        ckpt = summary["meta"].get("checkpoint_json")
-        if ckpt and os.path.exists(ckpt):  # the 'From checkpoint' section, from its JSON
-            import checkpoint_bench
+        import checkpoint_bench
+        import wrap_alternated
 
-            with open(ckpt) as f:
-                text = checkpoint_bench.markdown(json.load(f))
-            with open(docs, "a") as f:
-                f.write("\n" + text)
+        # the sections of their own, from their JSON, in the order a run appends them
+        for key, mod in (("alternated_json", wrap_alternated),
+                         ("checkpoint_json", checkpoint_bench)):
+            path = summary["meta"].get(key)
+            if path and os.path.exists(path):
+                with open(path) as f:
+                    text = mod.markdown(json.load(f))
+                with open(docs, "a") as f:
+                    f.write("\n" + text)
         print("\n".join(plots(summary["results"], plan, os.path.join(ROOT, "docs", "img"))))
         return 0
 
@@ -759,6 +780,9 @@ def main():
             "seconds": seconds, "machine": machine, "skipped": skipped, "memcpy_gbps": memcpy,
             "versions": {venv_names[k]: v for k, v in versions.items()}}
     ckpt_json = os.path.join(run_dir, "checkpoint.json")
+    alt_json = os.path.join(run_dir, "alternated.json")
+    if not args.no_alternated:
+        meta["alternated_json"] = alt_json  # for --report-only
     if not args.no_checkpoint:
         meta["checkpoint_json"] = ckpt_json  # for --report-only
     summary = {"meta": meta, "plan": plan, "targets": targets, "results": results}
@@ -774,6 +798,13 @@ def main():
         for p in plots(results, plan, os.path.join(ROOT, "docs", "img")):
             print("   wrote", p)
         print("   wrote docs/benchmarks.md")
+    if not args.no_alternated:
+        # wrap time of ours and Ray's zero-copy tensors alternated in one process (figure 1
+        # runs them one after another, each in its own process)
+        run_alternated([m["model"] for m in plan["models"] if "wrap" in m["figures"]],
+                       plan.get("alternated_rounds", 7), alt_json,
+                       os.path.join(run_dir, "alternated.log"),
+                       "" if args.no_docs else os.path.join(ROOT, "docs", "benchmarks.md"))
     if not args.no_checkpoint:
         # 'From checkpoint': its own contenders, run whatever --only says (--only picks among
         # the main contenders above), appended to the docs just written.

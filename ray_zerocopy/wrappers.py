@@ -136,13 +136,24 @@ def _worker_id() -> str:
     return ray.get_runtime_context().get_worker_id() if ray.is_initialized() else ""
 
 
+#: Object store bytes by node id: fixed when a node starts, and asking the GCS for every node
+#: (``ray.nodes()``) is a round trip on every wrap.
+_store_capacity: dict[str, int] = {}
+
+
 def _local_store_capacity() -> int:
     """Bytes of object store on this process's node (0 if unknown)."""
     try:
         node_id = ray.get_runtime_context().get_node_id()
+        cached = _store_capacity.get(node_id)
+        if cached is not None:
+            return cached
         for node in ray.nodes():
             if node.get("NodeID") == node_id:
-                return int(node.get("Resources", {}).get("object_store_memory", 0))
+                cap = int(node.get("Resources", {}).get("object_store_memory", 0))
+                if cap:
+                    _store_capacity[node_id] = cap
+                return cap
     except Exception:  # pragma: no cover - best effort; the put reports real failures
         return 0
     return 0

@@ -181,6 +181,28 @@ def test_pipeline_too_big_for_object_store(ray_session):
         rzc.TaskWrapper(m)
 
 
+def test_store_capacity_asked_once_per_node(ray_session, monkeypatch):
+    """The node's object store size is read from the GCS once; later wraps (and the check that
+    refuses a pipeline too big for it) use the cached figure."""
+    from conftest import OBJECT_STORE_BYTES
+
+    from ray_zerocopy import wrappers
+
+    wrappers._store_capacity.clear()
+    calls = []
+    real_nodes = ray_session.nodes
+    monkeypatch.setattr(ray_session, "nodes", lambda: calls.append(1) or real_nodes())
+    for _ in range(3):
+        rzc.TaskWrapper(nn.Linear(4, 2))
+    assert len(calls) == 1
+    assert wrappers._local_store_capacity() == OBJECT_STORE_BYTES
+    m = nn.Module()
+    m.w = nn.Parameter(torch.empty(OBJECT_STORE_BYTES // 4 + (16 << 20)), requires_grad=False)
+    with pytest.raises(rzc.PackError, match="larger than this node's Ray object store"):
+        rzc.TaskWrapper(m)
+    assert len(calls) == 1
+
+
 class Flaky:
     def __init__(self, marker):
         self.model = nn.Linear(4, 2).eval()
