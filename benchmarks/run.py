@@ -390,6 +390,10 @@ def write_docs(path, results, plan, targets, meta):
         v = "-" if t["value"] is None else f"{t['value']:.2f}"
         rows.append([t["target"], v, met, t["detail"]])
     w(table(["target", "value", "result", "detail"], rows))
+    if meta.get("alternated_json"):
+        w("\nThe wrap-time lines compare two processes run one after another; the section "
+          "\"Wrap time, ours and Ray's alternated in one process\" below compares the same "
+          "wraps alternated in one process and one Ray.")
     w("")
 
     names = list(results)

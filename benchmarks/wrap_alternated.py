@@ -126,7 +126,7 @@ def markdown(data: dict) -> str:
             f"| {name} | {_ms(o['median'])} / {_ms(o['min'])} / {_ms(o['max'])} "
             f"| {_ms(y['median'])} / {_ms(y['min'])} / {_ms(y['max'])} "
             f"| {r['ratio_of_medians']:.2f}x | {p['median']:.2f}x / {p['min']:.2f}x / "
-            f"{p['max']:.2f}x | {r["gbps"]["ours"]:.3g} / {r["gbps"]["ray"]:.3g} "
+            f"{p['max']:.2f}x | {r['gbps']['ours']:.3g} / {r['gbps']['ray']:.3g} "
             f"| {'**met**' if r['ratio_of_medians'] <= 1.0 else '**missed**'} |")
     return "\n".join(lines) + "\n"
 
