@@ -164,6 +164,17 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def emit_section(text: str, data, json_path: str = "", docs_path: str = "") -> None:
+    """A benchmark script's section: printed, its data written to json_path, and the text
+    appended to docs_path (each only if given)."""
+    print(text)
+    if json_path:
+        write_json(json_path, data)
+    if docs_path:
+        with open(docs_path, "a") as f:
+            f.write("\n" + text)
+
+
 def memcpy_gbps(nbytes: int = 1 << 30, repeats: int = 3) -> float:
     """One-thread memcpy bandwidth of this machine (numpy copy of warm pages, best of repeats)."""
     import numpy as np

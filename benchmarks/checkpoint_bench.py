@@ -481,14 +481,7 @@ def main() -> int:
             shutil.rmtree(sub, ignore_errors=True)  # frees /dev/shm before the next model
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    text = markdown(data)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=1)
-    if args.append_docs:
-        with open(args.append_docs, "a") as f:
-            f.write("\n" + text)
+    bc.emit_section(markdown(data), data, args.json, args.append_docs)
     return 0
 
 

@@ -171,13 +171,7 @@ def main() -> int:
             gc.collect()
     finally:
         ray.shutdown()
-    text = markdown(data)
-    print(text)
-    if args.json:
-        bc.write_json(args.json, data)
-    if args.append_docs:
-        with open(args.append_docs, "a") as f:
-            f.write("\n" + text)
+    bc.emit_section(markdown(data), data, args.json, args.append_docs)
     return 0
 
 
