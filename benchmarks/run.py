@@ -118,6 +118,7 @@ PLANS = {
     },
 }
 CHECKPOINT_ACTORS = 4  # the 'From checkpoint' section: a file on /dev/shm to 4 actors answering
+ALTERNATED_ROUNDS = 7  # rounds of benchmarks/wrap_alternated.py
 
 
 def model_nbytes(name):
@@ -806,7 +807,7 @@ def main():
         # wrap time of ours and Ray's zero-copy tensors alternated in one process (figure 1
         # runs them one after another, each in its own process)
         run_alternated([m["model"] for m in plan["models"] if "wrap" in m["figures"]],
-                       plan.get("alternated_rounds", 7), alt_json,
+                       ALTERNATED_ROUNDS, alt_json,
                        os.path.join(run_dir, "alternated.log"),
                        "" if args.no_docs else os.path.join(ROOT, "docs", "benchmarks.md"))
     if not args.no_checkpoint:

@@ -59,17 +59,28 @@ def _consumer_cls(ray):
     return Consumer
 
 
-def _gone_within(name: str, seconds: float = 30.0) -> bool:
-    import ray
-
+def _within(done, seconds: float = 30.0) -> bool:
+    """Polls ``done()`` until it is true (returns True) or ``seconds`` pass (returns False)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        if done():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _gone_within(name: str, seconds: float = 30.0) -> bool:
+    """True once no actor of that name is found."""
+    import ray
+
+    def gone():
         try:
             ray.get_actor(name, namespace=NAMESPACE)
         except ValueError:
             return True
-        time.sleep(0.2)
-    return False
+        return False
+
+    return _within(gone, seconds)
 
 
 def _dead_within(handle, seconds: float = 30.0) -> bool:
@@ -77,16 +88,16 @@ def _dead_within(handle, seconds: float = 30.0) -> bool:
     the GCS before the process has stopped, and a call that reaches it in between is answered."""
     import ray
 
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    def dead():
         try:
             ray.get(handle.ping.remote(), timeout=5)
         except ray.exceptions.RayActorError:
             return True
         except ray.exceptions.GetTimeoutError:
             pass
-        time.sleep(0.2)
-    return False
+        return False
+
+    return _within(dead, seconds)
 
 
 def test_options_are_checked_before_packing():
