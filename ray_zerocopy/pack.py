@@ -9,11 +9,15 @@ The arena (docs/format.md) holds each unique storage once, laid out and filled b
 
 from __future__ import annotations
 
+import copyreg
+import functools
 import io
+import itertools
 import mmap
 import operator
 import pickle
 import struct
+import sys
 import types
 from collections import OrderedDict
 from collections.abc import Callable
@@ -203,6 +207,60 @@ def find_modules(pipeline: Any) -> list[tuple[str, nn.Module]]:
     return _walk(pipeline)[0]
 
 
+def _module_table() -> tuple[tuple[str, ...], tuple[Any, ...]]:
+    """The attributes ``nn.Module.__init__`` gives every module, in their order, and for each
+    the type of the empty container it starts as (``None`` where it is not one): the table of
+    :func:`ray_zerocopy._zc.module_state`. Read from the installed torch, not written down."""
+    fresh = vars(nn.Module())
+    factories = tuple(
+        type(v) if type(v) in (OrderedDict, dict, set) and not v else None for v in fresh.values()
+    )
+    return tuple(fresh), factories
+
+
+_MODULE_TABLE = _module_table()
+_MODULE_KEYS = _MODULE_TABLE[0]
+_MODULE_EMPTY = tuple((k, f) for k, f in zip(*_MODULE_TABLE) if f is not None)
+# Pickled once per skeleton (then memoized): the state setter of every module pickled through
+# _module_reduce. The table travels with it, so the reader never depends on its own torch's.
+_MODULE_SETTER = functools.partial(_zc.module_state, _MODULE_TABLE)
+# What object.__reduce_ex__ names for NEWOBJ (cls.__new__(cls)); typeshed does not declare it.
+_NEWOBJ = copyreg.__newobj__  # type: ignore[attr-defined]
+
+# __setstate__ methods whose only work beyond nn.Module's (which updates __dict__, then fills in
+# hook dicts a module pickled by an older torch lacks) is to fill in missing attributes: for a
+# state taken from a live module that has these keys, module_state does the same.
+_SETSTATE_KEYS: dict[Any, tuple[str, ...]] = {nn.Module.__setstate__: ()}
+try:
+    from torch.nn.modules.conv import _ConvNd
+
+    _SETSTATE_KEYS[_ConvNd.__setstate__] = ("padding_mode",)
+except ImportError:  # pragma: no cover - torch without _ConvNd
+    pass
+
+# References an empty container of a module's state has when nothing but the module holds it:
+# the module's __dict__, the state's copy, the loop variable and getrefcount's argument.
+_SOLE_REFS = 4
+
+
+def _module_keys_needed(t: type, dispatch_table: Any) -> tuple[str, ...] | None:
+    """For a module type that pickles the plain way (``object.__reduce_ex__``, nn.Module's
+    ``__getstate__``, a known ``__setstate__``, no reducer registered for it), the state keys
+    its ``__setstate__`` would fill in if missing; ``None`` for any other type."""
+    if (
+        getattr(t, "__reduce_ex__", None) is not object.__reduce_ex__
+        or getattr(t, "__reduce__", None) is not object.__reduce__
+        or getattr(t, "__getstate__", None) is not nn.Module.__getstate__
+        or hasattr(t, "__getnewargs_ex__")
+        or hasattr(t, "__getnewargs__")
+        or issubclass(t, (list, dict))
+        or t in dispatch_table
+        or t in copyreg.dispatch_table
+    ):
+        return None
+    return _SETSTATE_KEYS.get(getattr(t, "__setstate__", None))
+
+
 class _SkeletonPickler(cloudpickle.Pickler):
     """cloudpickle that replaces every tensor by a persistent id (its manifest index).
 
@@ -213,9 +271,17 @@ class _SkeletonPickler(cloudpickle.Pickler):
     ``reducer_override`` remembers the types for which neither the JIT reducers nor cloudpickle
     have anything to say, and answers ``NotImplemented`` for them at once (classes and functions
     excepted: cloudpickle pickles some by reference and others by value). A plain
-    ``OrderedDict`` (a module's dozen hook dicts) is reduced as its own ``__reduce__`` would,
-    minus the slot-name lookup CPython repeats for it on every call (``copyreg._slotnames``
-    cannot cache its answer on a built-in type); the bytes written are the same.
+    ``OrderedDict`` is reduced as its own ``__reduce__`` would, minus the slot-name lookup
+    CPython repeats for it on every call (``copyreg._slotnames`` cannot cache its answer on a
+    built-in type); the bytes written are the same.
+
+    A module whose type pickles the plain way (see :func:`_module_keys_needed`) is reduced as
+    ``object.__reduce_ex__`` would, with two changes that make it cheaper to pickle and to
+    unpickle (a task call unpickles a fresh pipeline every time): the empty containers
+    ``nn.Module.__init__`` makes (a dozen hook dicts, and often ``_buffers``, ``_modules``) are
+    left out of the state when nothing else refers to them, and the state is set by
+    :func:`ray_zerocopy._zc.module_state` (C), which makes them again, empty, in their place in
+    ``__dict__``'s order. The rebuilt module is the one plain pickling gives.
     """
 
     def __init__(self, file: io.BytesIO):
@@ -223,6 +289,7 @@ class _SkeletonPickler(cloudpickle.Pickler):
         self._ids = _zc.TensorIds(torch.Tensor)
         self.persistent_id = self._ids
         self._plain: set[type] = set()
+        self._modules_ok: dict[type, tuple[str, ...] | None] = {}
 
     @property
     def found(self) -> list[torch.Tensor]:
@@ -242,11 +309,45 @@ class _SkeletonPickler(cloudpickle.Pickler):
             rv = _jit_reduce(obj)
             if rv is not NotImplemented:
                 return rv
+        if isinstance(obj, nn.Module):
+            try:
+                needed = self._modules_ok[t]
+            except KeyError:
+                needed = self._modules_ok[t] = _module_keys_needed(t, self.dispatch_table)
+            if needed is not None:
+                # NotImplemented for a module whose __dict__ is not as nn.Module.__init__ made
+                # it: pickled the plain way, as cloudpickle would (it has no reducer for
+                # instances).
+                return _module_reduce(obj, needed)
         rv = super().reducer_override(obj)
         # cloudpickle decides per object for classes and functions (by reference or by value)
         if rv is NotImplemented and not issubclass(t, (type, types.FunctionType)):
             self._plain.add(t)
         return rv
+
+
+def _module_reduce(obj: nn.Module, needed: tuple[str, ...]) -> Any:
+    """The reduce tuple of a module of a type :func:`_module_keys_needed` accepts (see
+    :class:`_SkeletonPickler`), or ``NotImplemented`` if its state does not start with the keys
+    ``nn.Module.__init__`` makes, in their order, or lacks a key its ``__setstate__`` needs."""
+    state = obj.__getstate__()
+    if tuple(itertools.islice(state, len(_MODULE_KEYS))) != _MODULE_KEYS or not all(
+        k in state for k in needed
+    ):
+        return NotImplemented
+    refs = sys.getrefcount
+    for k, f in _MODULE_EMPTY:
+        v = state[k]
+        # Left out only when empty, of the exact type, and held by nothing but the module
+        # (another holder must get the same object back, so it is pickled as it is).
+        if (
+            type(v) is f
+            and not v
+            and refs(v) <= _SOLE_REFS
+            and (f is not OrderedDict or not v.__dict__)
+        ):
+            del state[k]
+    return _NEWOBJ, (type(obj),), state, None, None, _MODULE_SETTER
 
 
 def _find_unpicklable(root: Any) -> str | None:

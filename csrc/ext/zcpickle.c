@@ -9,6 +9,11 @@
  * but its list of the tensors found (and the id -> index dict), so it does not keep objects of
  * the pipeline alive beyond the list.
  *
+ * module_state and fresh_tensors are the unpickling side of a rebuild (a task call's fresh
+ * pipeline): a module's state set without a Python frame per module, with the empty hook
+ * containers the packer left out made here; and the fresh tensor objects of a rebuild made in one
+ * C loop.
+ *
  * Kept apart from zcmodule.c; zcmodule.c's module init calls zc__ext_pickle_init().
  */
 #define PY_SSIZE_T_CLEAN
@@ -116,7 +121,122 @@ static PyTypeObject TensorIdsType = {
     .tp_getset = tensorids_getset,
 };
 
+/*
+ * module_state(table, obj, state): what nn.Module.__setstate__ does for a state pickled from a
+ * live module (obj.__dict__.update(state); its back-fill of missing hook dicts is a no-op then),
+ * plus making the containers the packer left out of the state because they were empty.
+ * table is (keys, factories): the first keys of every module's __dict__, in order, and for each
+ * None (the state holds it) or a type called with no argument when the state lacks the key
+ * (OrderedDict, dict, set). Those keys are inserted first, in table order, so the module's
+ * __dict__ has the order the original had; then the rest of the state, in its order.
+ */
+static PyObject *module_state(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *table, *obj, *state, *keys, *factories, *dict;
+    (void)self;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "module_state() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    table = args[0], obj = args[1], state = args[2];
+    if (!PyTuple_Check(table) || PyTuple_GET_SIZE(table) != 2 || !PyTuple_Check(PyTuple_GET_ITEM(table, 0)) ||
+        !PyTuple_Check(PyTuple_GET_ITEM(table, 1)) ||
+        PyTuple_GET_SIZE(PyTuple_GET_ITEM(table, 0)) != PyTuple_GET_SIZE(PyTuple_GET_ITEM(table, 1))) {
+        PyErr_SetString(PyExc_TypeError, "module_state(): table must be a pair of tuples of one length");
+        return NULL;
+    }
+    if (!PyDict_Check(state)) {
+        PyErr_Format(PyExc_TypeError, "module_state(): state must be a dict, not %.100s", Py_TYPE(state)->tp_name);
+        return NULL;
+    }
+    keys = PyTuple_GET_ITEM(table, 0), factories = PyTuple_GET_ITEM(table, 1);
+    dict = PyObject_GenericGetDict(obj, NULL);
+    if (!dict) return NULL;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(keys); i++) {
+        PyObject *key = PyTuple_GET_ITEM(keys, i), *factory = PyTuple_GET_ITEM(factories, i), *value;
+        int rc;
+        value = PyDict_GetItemWithError(state, key); /* borrowed */
+        if (value) {
+            rc = PyDict_SetItem(dict, key, value);
+        } else if (PyErr_Occurred()) {
+            goto fail;
+        } else if (factory == Py_None) {
+            PyErr_Format(PyExc_KeyError, "module_state(): the state of a %.100s lacks %R", Py_TYPE(obj)->tp_name, key);
+            goto fail;
+        } else {
+            value = PyObject_CallNoArgs(factory);
+            if (!value) goto fail;
+            rc = PyDict_SetItem(dict, key, value);
+            Py_DECREF(value);
+        }
+        if (rc < 0) goto fail;
+    }
+    if (PyDict_Update(dict, state) < 0) goto fail;
+    Py_DECREF(dict);
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(dict);
+    return NULL;
+}
+
+/*
+ * fresh_tensors(views, kinds, make, param_type, param_kind): a list with, for every view,
+ * make(param_type, view, False) where its kind is param_kind (torch.Tensor._make_subclass: an
+ * nn.Parameter without requires_grad) and view.detach() otherwise. New tensor objects sharing
+ * the views' bytes, made in one loop without a Python frame.
+ */
+static PyObject *fresh_tensors(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *views, *kinds, *make, *ptype, *pkind, *out, *detach;
+    Py_ssize_t n;
+    (void)self;
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "fresh_tensors() takes 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    views = args[0], kinds = args[1], make = args[2], ptype = args[3], pkind = args[4];
+    if (!PyList_Check(views) || !PyList_Check(kinds) || PyList_GET_SIZE(views) != PyList_GET_SIZE(kinds)) {
+        PyErr_SetString(PyExc_TypeError, "fresh_tensors(): views and kinds must be lists of one length");
+        return NULL;
+    }
+    n = PyList_GET_SIZE(views);
+    out = PyList_New(n);
+    if (!out) return NULL;
+    detach = PyUnicode_InternFromString("detach");
+    if (!detach) goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *view = PyList_GET_ITEM(views, i), *t;
+        int is_param = PyObject_RichCompareBool(PyList_GET_ITEM(kinds, i), pkind, Py_EQ);
+        if (is_param < 0) goto fail;
+        if (is_param) {
+            PyObject *margs[3] = {ptype, view, Py_False};
+            t = PyObject_Vectorcall(make, margs, 3, NULL);
+        } else {
+            t = PyObject_CallMethodNoArgs(view, detach);
+        }
+        if (!t) goto fail;
+        PyList_SET_ITEM(out, i, t);
+    }
+    Py_DECREF(detach);
+    return out;
+fail:
+    Py_XDECREF(detach);
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyMethodDef pickle_methods[] = {
+    {"module_state", (PyCFunction)(void (*)(void))module_state, METH_FASTCALL,
+     "module_state(table, obj, state)\n--\n\n"
+     "Sets a module's state as nn.Module.__setstate__ does, first the keys of table[0] in order\n"
+     "(from the state, or made by calling table[1][i] where the state lacks them), then the rest."},
+    {"fresh_tensors", (PyCFunction)(void (*)(void))fresh_tensors, METH_FASTCALL,
+     "fresh_tensors(views, kinds, make, param_type, param_kind)\n--\n\n"
+     "New tensor objects over the views: make(param_type, v, False) where the kind is\n"
+     "param_kind, v.detach() otherwise."},
+    {NULL, NULL, 0, NULL},
+};
+
 int zc__ext_pickle_init(PyObject *m) {
     if (PyType_Ready(&TensorIdsType) < 0) return -1;
+    if (PyModule_AddFunctions(m, pickle_methods) < 0) return -1;
     return PyModule_AddObjectRef(m, "TensorIds", (PyObject *)&TensorIdsType);
 }
