@@ -257,33 +257,37 @@ def do_data(adapter, handle, spec, rows, batch, res):
     log(f"  data {n / total:.1f} rows/s, first batch {ttfb:.2f} s")
 
 
-def do_task(adapter, handle, spec, pipeline, calls, res):
-    """Figure 3: per-call overhead = wrapped call - same computation locally, vs a bare task."""
+def do_task(adapter, handle, spec, pipeline, calls, res, per_block=5):
+    """Figure 3: per-call overhead = wrapped call - same computation locally, vs a bare task.
+
+    The three kinds (local computation, bare task, wrapped call) run in blocks of ``per_block``
+    back-to-back calls, the blocks rotated over ``calls // per_block`` rounds (the first call of
+    a block, after another kind, not timed), so that a drift of the machine's speed over the
+    measurement hits the three alike instead of biasing the difference."""
     x = bm.make_input(spec)
     fn = adapter.task_callable(handle)
-    local = []
-    for i in range(calls + 2):
-        t0 = P()
+    for _ in range(2):
         pipeline(x)
-        if i >= 2:
-            local.append(P() - t0)
-    bare = []
-    for i in range(calls + 3):
-        t0 = P()
+    for _ in range(3):
         ray.get(bare_task.remote(x))
-        if i >= 3:
-            bare.append(P() - t0)
     t0 = P()
     out = fn(x)
     first = P() - t0
     equal = bool(torch.equal(out, pipeline(x)))
     for _ in range(2):
         fn(x)
-    wrapped = []
-    for _ in range(calls):
-        t0 = P()
-        fn(x)
-        wrapped.append(P() - t0)
+    kinds = {"local": lambda: pipeline(x), "bare": lambda: ray.get(bare_task.remote(x)),
+             "wrapped": lambda: fn(x)}
+    times = {k: [] for k in kinds}
+    order = list(kinds)
+    for r in range(max(1, calls // per_block)):
+        for k in order[r % 3:] + order[:r % 3]:
+            kinds[k]()
+            for _ in range(per_block):
+                t0 = P()
+                kinds[k]()
+                times[k].append(P() - t0)
+    local, bare, wrapped = times["local"], times["bare"], times["wrapped"]
     lm = bc.summary(local)["median"]
     over = [w - lm for w in wrapped]
     bm_ = bc.summary(bare)["median"]

@@ -480,7 +480,8 @@ def write_docs(path, results, plan, targets, meta):
     w("Overhead = wrapped call minus the same computation done locally in the driver (medians, "
       "after 2 warm-up calls so workers and caches are warm; the first call is shown apart), "
       "against a bare Ray task round trip (`ray.get(f.remote(x))` returning its input) measured "
-      "in the same process.\n")
+      "in the same process. The three are measured in blocks of 5 back-to-back calls, rotated "
+      "over rounds, so that a drift of the machine's speed hits them alike.\n")
     for item in plan["models"]:
         model = item["model"]
         if "task" not in item["figures"]:
