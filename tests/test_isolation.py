@@ -237,6 +237,38 @@ def test_call_fresh_new_pipeline_each_call_and_spare_failure(ray_session, monkey
         assert len(_worker._graveyard) <= 1
 
 
+class _Mortal(NetPipeline):
+    """Records the thread that frees it."""
+
+    freed_on: list = []
+
+    def __del__(self):
+        import threading
+
+        _Mortal.freed_on.append(threading.current_thread().name)
+
+
+def test_used_pipeline_freed_in_idle_time_without_spares(ray_session, monkeypatch):
+    """With spares off, the pipeline a call used is freed by the worker's background thread
+    after the call (not before its result goes back), and a writable call's private copy is
+    freed as the call returns."""
+    from ray_zerocopy import _worker
+
+    monkeypatch.setattr(_worker, "SPARE", False)
+    packed = rzc.pack(_Mortal())
+    ref = ray_session.put((packed.skeleton, packed.arena))
+    x = torch.randn(2, 8)
+    _Mortal.freed_on.clear()
+    for _ in range(3):
+        _worker.call_fresh(ref, lambda p, x: p(x), x)
+        time.sleep(0.2)
+    assert _Mortal.freed_on == ["ray_zerocopy-spare"] * 3, _Mortal.freed_on
+    _Mortal.freed_on.clear()
+    _worker.call_fresh(ref, lambda p, x: p(x), x, writable=True)
+    assert _Mortal.freed_on == ["MainThread"], _Mortal.freed_on
+    assert not _worker._queue  # no spare was queued
+
+
 # --------------------------------------------------------------------------- published API
 # ray-zerocopy 0.2.0 (model_wrappers.py, nn/rewrite.py, _internal/zerocopy.py): documented
 # behaviour that code written against it relies on.
