@@ -159,9 +159,9 @@ def run_contender(name, python, extra_env, plan_path, out_path, log_path, timeou
 def fmt_s(x):
     if x is None:
         return "-"
-    if x < 1e-3:
+    if abs(x) < 1e-3:  # the unit by magnitude: an overhead below the noise can be negative
         return f"{x * 1e6:.0f} µs"
-    if x < 1:
+    if abs(x) < 1:
         return f"{x * 1e3:.1f} ms"
     return f"{x:.2f} s"
 

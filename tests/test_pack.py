@@ -388,7 +388,20 @@ class _OwnSetstate(nn.Linear):
         self.restored = True
 
 
-def test_module_state_leaves_out_empty_containers_and_rebuilds_the_same_modules():
+@pytest.fixture
+def torch_setstate(monkeypatch):
+    """nn.Module.__setstate__ as torch defines it. torch.compile (test_jit, earlier in the
+    suite) replaces it for good with a wrapper that also tags the module for dynamo; the packer
+    then pickles every module the plain way (see the next tests)."""
+    import importlib
+
+    pack_mod = importlib.import_module("ray_zerocopy.pack")
+    original = next(f for f, keys in pack_mod._SETSTATE_KEYS.items() if keys == ())
+    monkeypatch.setattr(nn.Module, "__setstate__", original)
+    return pack_mod
+
+
+def test_module_state_leaves_out_empty_containers_and_rebuilds_the_same_modules(torch_setstate):
     """Plain modules are pickled without their empty hook containers and rebuilt by
     _zc.module_state: every module's __dict__ comes back as plain pickling gives it (same keys,
     same order, same types, same contents), with fresh containers in every rebuild; a container
@@ -427,17 +440,30 @@ def test_module_state_leaves_out_empty_containers_and_rebuilds_the_same_modules(
 
 
 
-def test_module_state_makes_the_skeleton_smaller(monkeypatch):
+def test_module_state_makes_the_skeleton_smaller(torch_setstate, monkeypatch):
     """The empty containers are not in the skeleton: pickled the plain way, a stack of Linear
-    layers' skeleton is over twice as long."""
-    import importlib
-
-    pack_mod = importlib.import_module("ray_zerocopy.pack")
+    layers' skeleton is over twice as long. With nn.Module.__setstate__ replaced (as
+    torch.compile does), every module is pickled the plain way, and unpickling calls the
+    replacement."""
     stack = nn.Sequential(*[nn.Linear(2, 2) for _ in range(50)])
     short = len(rzc.pack(stack).skeleton)
-    monkeypatch.setattr(pack_mod, "_module_keys_needed", lambda t, table: None)
-    plain = len(rzc.pack(stack).skeleton)
+    with monkeypatch.context() as m:
+        m.setattr(torch_setstate, "_module_keys_needed", lambda t, table: None)
+        plain = len(rzc.pack(stack).skeleton)
     assert short * 2 < plain, (short, plain)
+
+    original = nn.Module.__setstate__
+    calls = []
+
+    def patched(self, state):
+        calls.append(type(self).__name__)
+        original(self, state)
+
+    monkeypatch.setattr(nn.Module, "__setstate__", patched)
+    packed = rzc.pack(stack)
+    assert len(packed.skeleton) == plain
+    rzc.unpack(packed.skeleton, packed.arena)
+    assert calls.count("Linear") == 50
 
 
 def test_module_state_rejects_bad_arguments():
