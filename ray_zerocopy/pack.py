@@ -229,14 +229,40 @@ _NEWOBJ = copyreg.__newobj__  # type: ignore[attr-defined]
 
 # __setstate__ methods whose only work beyond nn.Module's (which updates __dict__, then fills in
 # hook dicts a module pickled by an older torch lacks) is to fill in missing attributes: for a
-# state taken from a live module that has these keys, module_state does the same.
-_SETSTATE_KEYS: dict[Any, tuple[str, ...]] = {nn.Module.__setstate__: ()}
-try:
-    from torch.nn.modules.conv import _ConvNd
+# state taken from a live module that has these keys, module_state does the same. Recognized
+# by where torch defines them, not by identity: torch.compile (dynamo) replaces
+# nn.Module.__setstate__ with a wrapper that also tags the module, and that one is not ours to
+# stand for.
+_TORCH_SETSTATES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("torch.nn.modules.module", "Module.__setstate__"): (),
+    ("torch.nn.modules.conv", "_ConvNd.__setstate__"): ("padding_mode",),
+}
 
-    _SETSTATE_KEYS[_ConvNd.__setstate__] = ("padding_mode",)
-except ImportError:  # pragma: no cover - torch without _ConvNd
-    pass
+
+def _torch_setstate_keys(fn: Any) -> tuple[str, ...] | None:
+    """For torch's own ``__setstate__`` of nn.Module or _ConvNd, the keys it fills in if
+    missing; None for any other function (a replacement, a type's own)."""
+    key = (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None))
+    return _TORCH_SETSTATES.get(key)  # type: ignore[arg-type]
+
+
+def _register_module_table() -> tuple[Any, ...]:
+    """Tells _zc.module_state, the reader's side, this process's table and the torch-own
+    ``__setstate__`` functions it may stand for (found now: a replacement made later is seen
+    by identity at every call)."""
+    fns = [getattr(nn.Module, "__setstate__", None)]
+    try:
+        from torch.nn.modules.conv import _ConvNd
+
+        fns.append(getattr(_ConvNd, "__setstate__", None))
+    except ImportError:  # pragma: no cover - torch without _ConvNd
+        pass
+    own = tuple(f for f in fns if _torch_setstate_keys(f) is not None)
+    _zc.set_module_table(_MODULE_TABLE, nn.Module, own)
+    return own
+
+
+_OWN_SETSTATES = _register_module_table()
 
 
 def _sole_refs() -> int:
@@ -269,9 +295,11 @@ def _module_keys_needed(t: type, dispatch_table: Any) -> tuple[str, ...] | None:
         or issubclass(t, (list, dict))
         or t in dispatch_table
         or t in copyreg.dispatch_table
+        # _ConvNd's calls nn.Module's: both must be torch's own
+        or _torch_setstate_keys(getattr(nn.Module, "__setstate__", None)) is None
     ):
         return None
-    return _SETSTATE_KEYS.get(getattr(t, "__setstate__", None))
+    return _torch_setstate_keys(getattr(t, "__setstate__", None))
 
 
 class _SkeletonPickler(cloudpickle.Pickler):

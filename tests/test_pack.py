@@ -396,7 +396,7 @@ def torch_setstate(monkeypatch):
     import importlib
 
     pack_mod = importlib.import_module("ray_zerocopy.pack")
-    original = next(f for f, keys in pack_mod._SETSTATE_KEYS.items() if keys == ())
+    original = next(f for f in pack_mod._OWN_SETSTATES if f.__qualname__ == "Module.__setstate__")
     monkeypatch.setattr(nn.Module, "__setstate__", original)
     return pack_mod
 
@@ -459,7 +459,14 @@ def test_module_state_makes_the_skeleton_smaller(torch_setstate, monkeypatch):
         calls.append(type(self).__name__)
         original(self, state)
 
+    # A skeleton made with the fast path, rebuilt where __setstate__ has been replaced since:
+    # module_state hands each module's full state to the replacement.
+    fast = rzc.pack(stack)
     monkeypatch.setattr(nn.Module, "__setstate__", patched)
+    clone = rzc.unpack(fast.skeleton, fast.arena)
+    assert calls.count("Linear") == 50
+    assert list(vars(clone[0])) == list(vars(stack[0]))
+    calls.clear()
     packed = rzc.pack(stack)
     assert len(packed.skeleton) == plain
     rzc.unpack(packed.skeleton, packed.arena)
@@ -469,10 +476,13 @@ def test_module_state_makes_the_skeleton_smaller(torch_setstate, monkeypatch):
 def test_module_state_rejects_bad_arguments():
     from ray_zerocopy import _zc
 
+    # A table that is not this process's (another torch packed it): the full state goes
+    # through the reader's nn.Module.__setstate__, which fills in what its torch's modules have.
     table = (("training", "_forward_hooks"), (None, dict))
     m = nn.Module.__new__(nn.Module)
     _zc.module_state(table, m, {"training": False, "extra": 1})
-    assert list(vars(m)) == ["training", "_forward_hooks", "extra"] and m._forward_hooks == {}
+    assert list(vars(m))[:3] == ["training", "_forward_hooks", "extra"] and m._forward_hooks == {}
+    assert "_forward_pre_hooks" in vars(m) and "_backward_pre_hooks" in vars(m)
     with pytest.raises(KeyError, match="lacks 'training'"):
         _zc.module_state(table, nn.Module.__new__(nn.Module), {})
     with pytest.raises(TypeError, match="state must be a dict"):

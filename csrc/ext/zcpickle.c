@@ -122,6 +122,62 @@ static PyTypeObject TensorIdsType = {
 };
 
 /*
+ * The reader's side of module_state, registered by ray_zerocopy.pack at import
+ * (set_module_table): its own table (from its torch), the nn.Module type, and the __setstate__
+ * functions for which module_state may set the state itself (torch's own nn.Module and _ConvNd
+ * ones). Strong references, kept for the life of the process.
+ */
+static PyObject *reader_table;     /* the reader's (keys, factories) */
+static PyObject *reader_module;    /* torch.nn.Module */
+static PyObject *reader_setstates; /* tuple of the __setstate__ functions module_state stands for */
+static PyObject *last_equal_table; /* the last table found equal to reader_table (identity cache) */
+
+static PyObject *set_module_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3 || !PyTuple_Check(args[0]) || !PyType_Check(args[1]) || !PyTuple_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "set_module_table(table, module_type, setstates): a tuple, a type, a tuple");
+        return NULL;
+    }
+    Py_XSETREF(reader_table, Py_NewRef(args[0]));
+    Py_XSETREF(reader_module, Py_NewRef(args[1]));
+    Py_XSETREF(reader_setstates, Py_NewRef(args[2]));
+    Py_CLEAR(last_equal_table);
+    Py_RETURN_NONE;
+}
+
+/* 1 if `fn` is one of the registered __setstate__ functions, 0 if not, -1 on error. */
+static int known_setstate(PyObject *type) {
+    static PyObject *name;
+    PyObject *fn;
+    int found = 0;
+    if (!name && !(name = PyUnicode_InternFromString("__setstate__"))) return -1;
+    fn = PyObject_GetAttr(type, name);
+    if (!fn) {
+        PyErr_Clear();
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(reader_setstates); i++)
+        if (PyTuple_GET_ITEM(reader_setstates, i) == fn) found = 1;
+    Py_DECREF(fn);
+    return found;
+}
+
+/* 1 if module_state may set the state of `obj` itself: the packer's table is this process's
+ * and obj's __setstate__ (and nn.Module's, which _ConvNd's calls) are torch's own. */
+static int fast_path(PyObject *table, PyObject *obj) {
+    int eq, rc;
+    if (!reader_table || !reader_module || !reader_setstates) return 0;
+    if (table != last_equal_table) {
+        eq = PyObject_RichCompareBool(table, reader_table, Py_EQ);
+        if (eq <= 0) return eq;
+        Py_XSETREF(last_equal_table, Py_NewRef(table));
+    }
+    rc = known_setstate((PyObject *)Py_TYPE(obj));
+    if (rc <= 0) return rc;
+    return known_setstate(reader_module);
+}
+
+/*
  * module_state(table, obj, state): what nn.Module.__setstate__ does for a state pickled from a
  * live module (obj.__dict__.update(state); its back-fill of missing hook dicts is a no-op then),
  * plus making the containers the packer left out of the state because they were empty.
@@ -129,9 +185,13 @@ static PyTypeObject TensorIdsType = {
  * None (the state holds it) or a type called with no argument when the state lacks the key
  * (OrderedDict, dict, set). Those keys are inserted first, in table order, so the module's
  * __dict__ has the order the original had; then the rest of the state, in its order.
+ * Where the table is not this process's own (another torch wrote the skeleton) or obj's
+ * __setstate__ is not torch's own (replaced, e.g. by torch.compile's dynamo, or a type's own),
+ * the full state is built the same way and handed to obj.__setstate__, as plain unpickling does.
  */
 static PyObject *module_state(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    PyObject *table, *obj, *state, *keys, *factories, *dict;
+    PyObject *table, *obj, *state, *keys, *factories, *dict, *rv;
+    int fast;
     (void)self;
     if (nargs != 3) {
         PyErr_Format(PyExc_TypeError, "module_state() takes 3 arguments (%zd given)", nargs);
@@ -148,8 +208,10 @@ static PyObject *module_state(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_Format(PyExc_TypeError, "module_state(): state must be a dict, not %.100s", Py_TYPE(state)->tp_name);
         return NULL;
     }
+    fast = fast_path(table, obj);
+    if (fast < 0) return NULL;
     keys = PyTuple_GET_ITEM(table, 0), factories = PyTuple_GET_ITEM(table, 1);
-    dict = PyObject_GenericGetDict(obj, NULL);
+    dict = fast ? PyObject_GenericGetDict(obj, NULL) : PyDict_New();
     if (!dict) return NULL;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(keys); i++) {
         PyObject *key = PyTuple_GET_ITEM(keys, i), *factory = PyTuple_GET_ITEM(factories, i), *value;
@@ -171,8 +233,13 @@ static PyObject *module_state(PyObject *self, PyObject *const *args, Py_ssize_t 
         if (rc < 0) goto fail;
     }
     if (PyDict_Update(dict, state) < 0) goto fail;
+    if (fast) {
+        Py_DECREF(dict);
+        Py_RETURN_NONE;
+    }
+    rv = PyObject_CallMethod(obj, "__setstate__", "O", dict);
     Py_DECREF(dict);
-    Py_RETURN_NONE;
+    return rv;
 fail:
     Py_DECREF(dict);
     return NULL;
@@ -224,10 +291,15 @@ fail:
 }
 
 static PyMethodDef pickle_methods[] = {
+    {"set_module_table", (PyCFunction)(void (*)(void))set_module_table, METH_FASTCALL,
+     "set_module_table(table, module_type, setstates)\n--\n\n"
+     "Registers this process's module table, nn.Module and the __setstate__ functions\n"
+     "module_state may stand for (ray_zerocopy.pack does, at import)."},
     {"module_state", (PyCFunction)(void (*)(void))module_state, METH_FASTCALL,
      "module_state(table, obj, state)\n--\n\n"
      "Sets a module's state as nn.Module.__setstate__ does, first the keys of table[0] in order\n"
-     "(from the state, or made by calling table[1][i] where the state lacks them), then the rest."},
+     "(from the state, or made by calling table[1][i] where the state lacks them), then the rest;\n"
+     "through obj.__setstate__ where the table or the __setstate__ is not this process's own."},
     {"fresh_tensors", (PyCFunction)(void (*)(void))fresh_tensors, METH_FASTCALL,
      "fresh_tensors(views, kinds, make, param_type, param_kind)\n--\n\n"
      "New tensor objects over the views: make(param_type, v, False) where the kind is\n"
