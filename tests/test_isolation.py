@@ -258,6 +258,11 @@ def test_used_pipeline_freed_in_idle_time_without_spares(ray_session, monkeypatc
     packed = rzc.pack(_Mortal())
     ref = ray_session.put((packed.skeleton, packed.arena))
     x = torch.randn(2, 8)
+    # The builder finishes what earlier tests in this process left it (spares queued, a used
+    # pipeline) first: with a pipeline still waiting, a call frees its own as it returns.
+    deadline = time.monotonic() + 10
+    while (_worker._graveyard or _worker._queue) and time.monotonic() < deadline:
+        time.sleep(0.05)
     _Mortal.freed_on.clear()
     for _ in range(3):
         _worker.call_fresh(ref, lambda p, x: p(x), x)
