@@ -154,4 +154,12 @@ size_t zc__plat_page_size(void);
  * MADV_POPULATE_READ.  Returns 0, or -errno (-EINVAL where the kernel lacks it). */
 int zc__plat_populate_read(void *addr, size_t len);
 
+/* convert.c: handles a read fault at addr if it lies in a lazy region (returns 1), else 0.
+ * Async-signal-safe; called by the fault handler. */
+int zc__lazy_fault(uintptr_t addr, const void *uctx);
+
+/* mapping.c: makes the core's fault handler the current SIGSEGV/SIGBUS disposition (installing
+ * it, or putting it back on top of whatever replaced it).  Returns 0 or -errno. */
+int zc__fault_handler_current(void);
+
 #endif /* ZEROCOPY_INTERNAL_H */

@@ -321,6 +321,13 @@ static void on_fault(int sig, siginfo_t *si, void *uctx) {
     int saved_errno = errno;
     int from_kernel = si && si->si_code > 0;
 
+    /* A read of a lazy region's absent chunk (convert.c): make it, then re-execute the read. */
+    if (from_kernel && sig == SIGSEGV && si->si_code == SEGV_ACCERR &&
+        zc__lazy_fault((uintptr_t)si->si_addr, uctx)) {
+        errno = saved_errno;
+        return;
+    }
+
     if (from_kernel && (sig == SIGBUS || si->si_code == SEGV_ACCERR)) {
         char name[ZC__MSG_NAME_MAX], out[ZC__MSG_NAME_MAX + 256];
         size_t name_len, pos = 0;
@@ -379,6 +386,28 @@ int zc_install_fault_handler(void) {
         } else {
             atomic_store(&g_handler_installed, 1);
         }
+    }
+    pthread_mutex_unlock(&g_handler_lock);
+    return rc;
+}
+
+int zc__fault_handler_current(void) {
+    struct sigaction cur, sa;
+    int rc = 0;
+
+    if (!atomic_load(&g_handler_installed)) return zc_install_fault_handler();
+    pthread_mutex_lock(&g_handler_lock);
+    if (sigaction(SIGSEGV, NULL, &cur) != 0) {
+        rc = -errno;
+    } else if (!(cur.sa_flags & SA_SIGINFO) || cur.sa_sigaction != on_fault) {
+        /* Something replaced the handler after it was installed.  Put it back on top, still
+         * chaining to what was there before it: the replacement may itself chain back to this
+         * handler, and chaining to it as well could turn a real crash into a loop. */
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_fault;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGSEGV, &sa, NULL) != 0 || sigaction(SIGBUS, &sa, NULL) != 0) rc = -errno;
     }
     pthread_mutex_unlock(&g_handler_lock);
     return rc;

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from . import _zc
+from .dtypes import code_of
 from .errors import ArenaError, PackError, ZeroCopyWarning
 from .pack import _lay_out, _plan, find_modules, store_parts
 
@@ -373,6 +374,15 @@ Weights = Union[PathLike, Iterable[PathLike], Mapping[str, Any]]  # noqa: UP007 
 INDEX_NAME = "model.safetensors.index.json"
 
 
+def _conversion_note(converted: int, staged: int, dtype: Any) -> str:
+    parts = []
+    if converted:
+        parts.append(f"{_size(converted)} converted to {dtype} on the way, in a bounded window")
+    if staged:
+        parts.append(f"{_size(staged)} converted to {dtype} in private memory")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def _shard_files(src: Any) -> list[Path]:
     """The .safetensors files of one source: a file, an index .json, a directory, or a list."""
     if isinstance(src, (str, os.PathLike)):
@@ -430,6 +440,21 @@ def _file_mapping(path: Path, ptr: int) -> bool:
 
 _copy_warned = False
 
+# dtype conversion window (see CheckpointSource._convert): 32 chunks, enough for every thread
+# that reads the region at once (Ray's copy, the gather of small tensors) to hold its own; each
+# chunk the largest power of two from 64 KiB to 1 MiB that keeps the window within 4% of the
+# converted bytes (a window of 2 - 32 MiB).
+_LAZY_CHUNKS = 32
+_LAZY_CHUNK_MIN = 64 << 10
+_LAZY_CHUNK_MAX = 1 << 20
+
+
+def _lazy_chunk(size: int) -> int:
+    chunk = _LAZY_CHUNK_MAX
+    while chunk > _LAZY_CHUNK_MIN and chunk * _LAZY_CHUNKS > 0.04 * size:
+        chunk //= 2
+    return chunk
+
 
 def _top_models(pipeline: Any) -> list[tuple[str, nn.Module]]:
     """The models of a pipeline whose state dicts name its weights: the pipeline itself if it
@@ -485,7 +510,8 @@ class CheckpointSource(Source):
         self.nthreads = nthreads
         self.cls_name = type(pipeline).__qualname__
         self.methods = frozenset(_methods_of(pipeline))
-        self.staged_bytes = 0  # bytes converted to dtype in this process (see from_safetensors)
+        self.staged_bytes = 0  # bytes converted to dtype in private memory (see _convert)
+        self.converted_bytes = 0  # bytes converted to dtype through the lazy region
 
     # -- what the pipeline expects ----------------------------------------------------------
 
@@ -532,7 +558,7 @@ class CheckpointSource(Source):
             _size(n_bytes),
             n_files,
             time.perf_counter() - t0,
-            f" ({_size(self.staged_bytes)} converted to {self.dtype})" if self.staged_bytes else "",
+            _conversion_note(self.converted_bytes, self.staged_bytes, self.dtype),
         )
         return plan.skeleton(header), arena, plan
 
@@ -673,12 +699,61 @@ class CheckpointSource(Source):
                 time.perf_counter() - t0,
             )
         if self.dtype is not None:
-            for tid, src in list(replace.items()):
-                if src.is_floating_point() and src.dtype != self.dtype:
-                    replace[tid] = src.to(self.dtype)
-                    self.staged_bytes += replace[tid].numel() * replace[tid].element_size()
+            self._convert(replace)
         self._handles = handles  # the mappings live until the put (held by the views too)
         return replace, len(files), n_bytes
+
+    def _convert(self, replace: dict[int, torch.Tensor]) -> None:
+        """Puts tensors of ``self.dtype`` in place of the checkpoint's floating-point views.
+
+        Every contiguous view of a dtype the core converts (float16, bfloat16, float32, float64)
+        becomes a view of one lazy region (``_zc.LazyConvert``, ``csrc/convert.c``): read-only
+        memory whose bytes are made from the checkpoint's pages when first read, a chunk at a
+        time, with a window of at most ``_LAZY_CHUNKS`` chunks resident (``_lazy_chunk``). The
+        store's copy reads the region front to back, so the driver never holds the converted
+        model, only the window; the region goes with the put's parts. Any other view (float8,
+        a non-contiguous one) is converted with ``Tensor.to`` and staged in private memory
+        (``staged_bytes``).
+        """
+        assert self.dtype is not None
+        dst_code = code_of(self.dtype)
+        esz = self.dtype.itemsize
+        lazy: list[tuple[int, torch.Tensor, int]] = []
+        size = 0
+        for tid, src in list(replace.items()):
+            if not src.is_floating_point() or src.dtype == self.dtype:
+                continue
+            src_code = code_of(src.dtype)
+            if (
+                src.numel()
+                and src.is_contiguous()
+                and dst_code is not None
+                and src_code is not None
+                and _zc.convert_supported(dst_code, src_code)
+            ):
+                lazy.append((tid, src, size))
+                size += -(-src.numel() * esz // 64) * 64
+            else:
+                replace[tid] = src.to(self.dtype)
+                self.staged_bytes += replace[tid].numel() * replace[tid].element_size()
+        if not lazy:
+            return
+        region = _zc.LazyConvert(
+            [(src.data_ptr(), code_of(src.dtype), src.numel(), off) for _, src, off in lazy],
+            dst_code,
+            size,
+            _lazy_chunk(size),
+            _LAZY_CHUNKS,
+            [src for _, src, _ in lazy],
+        )
+        with warnings.catch_warnings():
+            # The region is read-only; nothing writes to these tensors (they only feed the put).
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            for tid, src, off in lazy:
+                replace[tid] = torch.frombuffer(
+                    region, dtype=self.dtype, count=src.numel(), offset=off
+                ).view(src.shape)
+        self.converted_bytes += size
 
     def _prefetch(self, src: torch.Tensor) -> None:
         """Reads a tensor's pages into the page cache and maps them, on several threads."""

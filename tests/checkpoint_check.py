@@ -1,6 +1,6 @@
 """The driver's memory while it wraps a safetensors checkpoint, in a fresh process and Ray.
 
-Usage: checkpoint_check.py DIR BYTES [--no-prefetch]
+Usage: checkpoint_check.py DIR BYTES [--no-prefetch] [--bf16-to-fp32]
 
 Writes a checkpoint of an MLP of about BYTES (in a child process, so that this one never holds
 the weights), then, in this process: builds the MLP on the meta device, wraps it with
@@ -52,24 +52,28 @@ def _uss() -> int:
     return total
 
 
-def write(path: str, nbytes: int) -> None:
+def write(path: str, nbytes: int, bf16: bool) -> None:
     import torch
     from models import big_mlp
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    save_file(big_mlp(nbytes).state_dict(), path)
+    sd = big_mlp(nbytes).state_dict()
+    if bf16:
+        sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    save_file(sd, path)
 
 
 def main() -> int:
+    bf16 = "--bf16-to-fp32" in sys.argv
     if sys.argv[1] == "--write":
-        write(sys.argv[2], int(sys.argv[3]))
+        write(sys.argv[2], int(sys.argv[3]), bf16)
         return 0
     folder, nbytes = sys.argv[1], int(sys.argv[2])
     prefetch = "--no-prefetch" not in sys.argv
     path = os.path.join(folder, "model.safetensors")
-    subprocess.run([sys.executable, os.path.abspath(__file__), "--write", path, str(nbytes)],
-                   check=True)
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--write", path, str(nbytes)]
+                   + (["--bf16-to-fp32"] if bf16 else []), check=True)
     weights = os.path.getsize(path)
 
     import ray
@@ -77,7 +81,7 @@ def main() -> int:
     from models import big_mlp
     from safetensors.torch import load_file
 
-    from ray_zerocopy import TaskWrapper
+    from ray_zerocopy import TaskWrapper, _zc
     from ray_zerocopy.files import CheckpointSource
 
     torch.set_num_threads(1)
@@ -96,6 +100,7 @@ def main() -> int:
         with torch.device("meta"):
             meta = big_mlp(nbytes)
         base, base_uss = _status(), _uss()
+        _zc.lazy_totals(reset_peak=True)
         peak = dict(base)
         done = threading.Event()
 
@@ -108,12 +113,17 @@ def main() -> int:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         t0 = time.perf_counter()
-        w = TaskWrapper(CheckpointSource(meta, path, prefetch=prefetch))
+        source = CheckpointSource(meta, path, prefetch=prefetch,
+                                  dtype=torch.float32 if bf16 else None)
+        w = TaskWrapper(source)
         seconds = time.perf_counter() - t0
         done.set()
         sampler.join()
         for k, v in _status().items():
             peak[k] = max(peak[k], v)
+        staged, converted = source.staged_bytes, source.converted_bytes
+        del source  # holds the checkpoint's mappings, as a wrap from a temporary would not
+        lazy = _zc.lazy_totals()
         uss_after = _uss() - base_uss
         after = _status()
 
@@ -121,7 +131,7 @@ def main() -> int:
         got = w(x)
         sd = load_file(path)
         ref = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(len(sd) // 2)])
-        ref.load_state_dict(sd)
+        ref.load_state_dict({k: v.float() for k, v in sd.items()})
         with torch.inference_mode():
             equal = torch.allclose(got, ref.eval()(x), atol=1e-5)
         print(json.dumps({
@@ -130,7 +140,8 @@ def main() -> int:
             "file_peak": peak["RssFile"] - base["RssFile"],
             "shmem_peak": peak["RssShmem"] - base["RssShmem"],
             "uss_after": uss_after, "file_after": after["RssFile"] - base["RssFile"],
-            "shmem_after": after["RssShmem"] - base["RssShmem"], "equal": bool(equal)}))
+            "shmem_after": after["RssShmem"] - base["RssShmem"], "equal": bool(equal),
+            "staged": staged, "converted": converted, "lazy": lazy}))
         return 0
     finally:
         ray.shutdown()

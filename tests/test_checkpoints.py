@@ -166,6 +166,57 @@ def test_dtype_conversion_bf16_checkpoint_into_fp32(ray_session, tmp_path):
         assert torch.equal(w(x), ref(x))
 
 
+def test_dtype_conversion_mixed_checkpoint_matches_tensor_to(ray_session, tmp_path):
+    """A checkpoint of float16, bfloat16, float64 and float8 tensors, one of them tied, into a
+    float32 model: the float8 one is staged (the core does not convert it), the rest go through
+    the lazy region; every weight equals torch's own .to(float32), bit for bit."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(64, 64)
+            self.b = nn.Linear(64, 64)
+            self.c = nn.Linear(64, 8)
+            self.c2 = nn.Linear(64, 8)
+            self.c2.weight = self.c.weight  # tied: stored once
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x))) + self.c2(x)
+
+    src = {
+        "a.weight": torch.randn(64, 64).to(torch.float16),
+        "a.bias": torch.randn(64).to(torch.bfloat16),
+        "b.weight": torch.randn(64, 64, dtype=torch.float64) * 1e3,
+        "b.bias": torch.randn(64),  # already float32: straight from the file
+        "c.weight": torch.randn(8, 64).to(torch.float8_e4m3fn),
+        "c.bias": torch.randn(8).to(torch.bfloat16),
+        "c2.bias": torch.randn(8).to(torch.float16),
+    }
+    path = _save(src, tmp_path / "mixed.safetensors")
+    with torch.device("meta"):
+        meta = Net().eval()
+    from ray_zerocopy.files import CheckpointSource
+
+    source = CheckpointSource(meta, path, dtype=torch.float32)
+    w = rzc.ActorWrapper(source)
+    assert source.staged_bytes == 8 * 64 * 4  # the float8 weight
+    assert source.converted_bytes >= (64 * 64 * 2 + 64) * 4
+
+    @ray_session.remote(num_cpus=0)
+    def state(aw):
+        m = aw.load()
+        return {k: v.clone() for k, v in m.state_dict().items()}, (
+            m.c.weight.data_ptr() == m.c2.weight.data_ptr())
+
+    got, tied = ray_session.get(state.remote(w))
+    assert tied
+    for k, v in src.items():
+        assert got[k].dtype == torch.float32
+        assert torch.equal(got[k].view(torch.int32), v.to(torch.float32).view(torch.int32)), k
+    assert torch.equal(got["c2.weight"], src["c.weight"].to(torch.float32))
+
+
 class TwoModels:
     def __init__(self, device=None):
         with torch.device(device or "cpu"):
@@ -231,14 +282,25 @@ def test_bad_sources_are_clear(tmp_path):
         CheckpointSource(meta, junk, dtype=torch.int8)
 
 
-def test_driver_private_memory_stays_small(tmp_path):
+@pytest.mark.parametrize("convert", [False, True], ids=["same-dtype", "bf16-to-fp32"])
+def test_driver_private_memory_stays_small(tmp_path, convert):
     """Wrapping a ~96 MiB checkpoint: the driver's private (anonymous) memory grows by at most
     5% of the model at its peak; the store's pages are the only full-size memory
-    (tests/checkpoint_check.py, in fresh processes)."""
+    (tests/checkpoint_check.py, in fresh processes). Converting a bfloat16 checkpoint into a
+    float32 model (dtype=) goes through the lazy region: nothing is staged, the region never holds
+    more than 5% of the converted model and is gone after the put."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
     out = subprocess.run([sys.executable, str(HERE / "checkpoint_check.py"), str(tmp_path),
-                          str(96 << 20)], capture_output=True, text=True, env=env, timeout=300)
+                          str(96 << 20)] + (["--bf16-to-fp32"] if convert else []),
+                         capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["equal"], r
-    assert r["anon_peak"] <= 0.05 * r["weights"], r
+    model = r["converted"] if convert else r["weights"]
+    assert r["anon_peak"] <= 0.05 * model, r
+    if convert:
+        assert r["staged"] == 0 and r["converted"] > 1.9 * r["weights"], r
+        lazy = r["lazy"]
+        assert lazy["regions_created"] == 1 and lazy["regions_alive"] == 0, r
+        assert 0 < lazy["peak_resident_bytes"] <= 0.05 * model, r
+        assert lazy["fills"] * 65536 >= r["converted"], r  # every chunk was made

@@ -1270,6 +1270,8 @@ static int add_int(PyObject *m, const char *name, long v) { return PyModule_AddI
 int zc__ext_pool_init(PyObject *m);
 /* The TensorIds type, the packer's persistent_id (zcpickle.c). */
 int zc__ext_pickle_init(PyObject *m);
+/* The LazyConvert type, convert() and convert_supported() (zcconvert.c). */
+int zc__ext_convert_init(PyObject *m);
 
 PyMODINIT_FUNC PyInit__zc(void) {
     PyObject *m = NULL, *codes = NULL, *bases = NULL;
@@ -1331,7 +1333,7 @@ PyMODINIT_FUNC PyInit__zc(void) {
     }
     if (PyModule_AddObjectRef(m, "DTYPE_CODES", codes) < 0) goto fail;
     Py_DECREF(codes);
-    if (zc__ext_pool_init(m) < 0 || zc__ext_pickle_init(m) < 0) {
+    if (zc__ext_pool_init(m) < 0 || zc__ext_pickle_init(m) < 0 || zc__ext_convert_init(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

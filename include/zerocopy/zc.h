@@ -399,6 +399,70 @@ ZC_API int zc_file_validate(const void *buf, size_t size, zc_file_info *info, ch
  * Returns 0, ZC_EINVAL or ZC_EMAGIC (not an arena header). */
 ZC_API int zc_set_data_crc(void *arena, size_t header_size, uint32_t data_crc);
 
+/* ---- dtype conversion (convert.c) ---------------------------------------------------- */
+
+/* Returns 1 if zc_convert() and lazy regions convert src_dtype elements to dst_dtype: both are
+ * among float16 (where the compiler has _Float16), bfloat16, float32 and float64. */
+ZC_API int zc_convert_supported(unsigned dst_dtype, unsigned src_dtype);
+
+/* Converts n elements from src (src_dtype) to dst (dst_dtype) as torch's Tensor.to() does on the
+ * CPU (round to nearest even; float64 reaches 16-bit types through float32; NaN stays NaN).
+ * No alignment is required; the buffers must not overlap.  Returns 0 or ZC_EINVAL. */
+ZC_API int zc_convert(void *dst, unsigned dst_dtype, const void *src, unsigned src_dtype, size_t n);
+
+/* One run of converted elements in a lazy region: count elements of src_dtype at src become
+ * count elements of the region's dtype at dst_offset (a multiple of that dtype's size). */
+typedef struct zc_convert_seg {
+    const void *src;
+    uint64_t dst_offset;
+    uint64_t count;
+    uint32_t src_dtype;
+} zc_convert_seg;
+
+typedef struct zc_lazy_stats {
+    uint64_t fills;         /* Chunks converted (a chunk evicted and read again counts again). */
+    uint64_t evictions;     /* Chunks dropped to keep the window. */
+    uint32_t peak_resident; /* Most chunks resident at once (<= max_chunks). */
+    uint32_t resident;      /* Chunks resident now. */
+    uint64_t chunk;         /* Bytes per chunk. */
+    uint32_t max_chunks;    /* The window, in chunks. */
+    uint64_t n_chunks;      /* Chunks in the region. */
+} zc_lazy_stats;
+
+/* A read-only region of size bytes whose content is its segments' source elements converted to
+ * dst_dtype (zeros between them), made on first read a chunk (chunk bytes, a multiple of the
+ * page size) at a time, with at most max_chunks chunks resident: the process holds a window,
+ * never the whole.  Reads fault into the core's fault handler, which this call installs (or
+ * puts back on top if something replaced it).  The sources must stay mapped and unchanged until
+ * zc_lazy_destroy(); writes to the region are not allowed.  Linux only (memfd).  At most 64
+ * regions exist at once.  Returns 0, ZC_EINVAL (a bad size, chunk, dtype pair, a segment out of
+ * range or overlapping another), ZC_ENOMEM, ZC_EOVERFLOW, ZC_ETOOBIG or -errno. */
+typedef struct zc_lazy zc_lazy;
+ZC_API int zc_lazy_create(const zc_convert_seg *segs, size_t n_segs, unsigned dst_dtype,
+                          size_t size, size_t chunk, unsigned max_chunks, zc_lazy **out);
+
+/* The region's first byte and its size (NULL / 0 for NULL). */
+ZC_API const void *zc_lazy_data(const zc_lazy *z);
+ZC_API size_t zc_lazy_size(const zc_lazy *z);
+
+/* Copies the region's counters into *out. */
+ZC_API void zc_lazy_get_stats(const zc_lazy *z, zc_lazy_stats *out);
+
+/* Unmaps and frees a region (NULL is accepted).  No thread may be reading it. */
+ZC_API void zc_lazy_destroy(zc_lazy *z);
+
+/* Counters over every lazy region of the process. */
+typedef struct zc_lazy_totals {
+    uint64_t regions_created, regions_alive;
+    uint64_t fills, evictions;
+    uint64_t resident_bytes;      /* Chunks resident now, in bytes, over all regions. */
+    uint64_t peak_resident_bytes; /* The most resident_bytes has been (since the last reset). */
+} zc_lazy_totals;
+
+/* Copies the totals into *out; with reset_peak, then starts peak_resident_bytes again from
+ * resident_bytes. */
+ZC_API void zc_lazy_get_totals(zc_lazy_totals *out, int reset_peak);
+
 #ifdef __cplusplus
 }
 #endif
