@@ -11,16 +11,18 @@
  * reader (Ray's copy into its object store, a gather) sees one long buffer while the process
  * never holds more than the window.  How:
  *
- * - the bytes live in a memfd mapped twice: the view that readers get (PROT_NONE where a chunk
- *   is absent, PROT_READ where it is resident) and a writable alias only this file writes;
+ * - the view readers get is reserved address space, PROT_NONE where a chunk is absent; the
+ *   window is a memfd of max_chunks chunks ("slots"), also mapped writable (the alias) for this
+ *   file alone;
  * - a read of an absent chunk faults (SEGV_ACCERR); the core's fault handler (mapping.c) calls
- *   zc__lazy_fault(), which evicts the oldest chunk if the window is full (PROT_NONE first, then
- *   its pages are punched out of the memfd), converts the chunk's elements through the alias,
- *   and only then makes the chunk readable, so no reader ever sees a partial chunk; returning
- *   from the handler re-executes the read;
+ *   zc__lazy_fault(), which takes the oldest resident chunk's slot if the window is full (its
+ *   place in the view is replaced by PROT_NONE first), converts the chunk's elements into the
+ *   slot through the alias, and only then maps the slot read-only at the chunk's place in the
+ *   view, so no reader ever sees a partial chunk; returning from the handler re-executes the
+ *   read.  The slots' pages are made once and reused: no page is allocated or zeroed per chunk;
  * - a chunk evicted while another thread still reads it faults again and is made again: the
  *   bytes depend only on the source, so every reader sees the same bytes.
- *
+
  * Everything the handler does is a syscall or plain arithmetic: no allocation, no locks other
  * than the spinlock below, which normal code takes only around table changes that never touch
  * lazy memory.
@@ -179,8 +181,8 @@ int zc_convert(void *dst, unsigned dst_dtype, const void *src, unsigned src_dtyp
 enum { CHUNK_ABSENT = 0, CHUNK_RESIDENT = 1 };
 
 struct zc_lazy {
-    unsigned char *view;  /* What readers get: PROT_NONE / PROT_READ per chunk. */
-    unsigned char *alias; /* Writable mapping of the same memfd. */
+    unsigned char *view;  /* What readers get: PROT_NONE, or a slot mapped read-only. */
+    unsigned char *alias; /* The slots, writable (this file only). */
     size_t size, mapped, chunk;
     size_t n_chunks;
     int fd;
@@ -188,7 +190,7 @@ struct zc_lazy {
     zc_convert_seg *segs; /* Sorted by dst_offset, not overlapping. */
     size_t n_segs;
     unsigned char *state;  /* Per chunk. */
-    uint32_t *ring;        /* Resident chunks, oldest first (circular, max_chunks). */
+    uint32_t *ring;        /* Resident chunks, oldest first (circular); ring position = slot. */
     unsigned max_chunks, ring_head, resident;
     zc_lazy_stats stats;
 };
@@ -204,9 +206,9 @@ static void lazy_lock(void) {
 
 static void lazy_unlock(void) { atomic_flag_clear_explicit(&g_lazy_lock, memory_order_release); }
 
-/* Converts the part of every segment that falls into [lo, hi) of the region, through the alias. */
-static void fill(zc_lazy *z, size_t lo, size_t hi) {
-    size_t esz = zc_dtype_size(z->dst_dtype);
+/* Writes bytes [lo, hi) of the region to dst: every segment's part converted, zeros between. */
+static void fill(zc_lazy *z, size_t lo, size_t hi, unsigned char *dst) {
+    size_t esz = zc_dtype_size(z->dst_dtype), at = lo;
     size_t a = 0, b = z->n_segs;
     while (a < b) { /* First segment that ends after lo. */
         size_t m = a + (b - a) / 2;
@@ -222,17 +224,18 @@ static void fill(zc_lazy *z, size_t lo, size_t hi) {
         size_t from = s_lo > lo ? s_lo : lo, to = s_hi < hi ? s_hi : hi;
         size_t first = (from - s_lo) / esz, n = (to - from) / esz;
         const unsigned char *src = (const unsigned char *)s->src + first * zc_dtype_size(s->src_dtype);
-        convert_n(z->alias + from, z->dst_dtype, src, s->src_dtype, n);
+        if (from > at) memset(dst + (at - lo), 0, from - at);
+        convert_n(dst + (from - lo), z->dst_dtype, src, s->src_dtype, n);
+        at = to;
     }
+    if (hi > at) memset(dst + (at - lo), 0, hi - at);
 }
 
 static int evict_oldest(zc_lazy *z) {
     uint32_t c = z->ring[z->ring_head];
-    unsigned char *v = z->view + (size_t)c * z->chunk;
-    if (mprotect(v, z->chunk, PROT_NONE) != 0) return -errno;
-    if (fallocate(z->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)c * (off_t)z->chunk,
-                  (off_t)z->chunk) != 0)
-        (void)madvise(z->alias + (size_t)c * z->chunk, z->chunk, MADV_REMOVE);
+    void *p = mmap(z->view + (size_t)c * z->chunk, z->chunk, PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return -errno;
     z->state[c] = CHUNK_ABSENT;
     z->ring_head = (z->ring_head + 1) % z->max_chunks;
     z->resident--;
@@ -243,16 +246,16 @@ static int evict_oldest(zc_lazy *z) {
 }
 
 static int make_resident(zc_lazy *z, size_t c) {
-    size_t lo = c * z->chunk, hi = lo + z->chunk;
+    size_t lo = c * z->chunk, slot;
+    void *p;
     if (z->resident == z->max_chunks && evict_oldest(z) != 0) return 0;
-    fill(z, lo, hi < z->size ? hi : z->size);
-    /* The alias's page table entries go (the pages stay in the memfd): the process maps the
-     * window once, through the view. */
-    (void)madvise(z->alias + lo, z->chunk, MADV_DONTNEED);
-    if (mprotect(z->view + lo, z->chunk, PROT_READ) != 0) return 0;
-    (void)zc__plat_populate_read(z->view + lo, z->chunk);
+    slot = (z->ring_head + z->resident) % z->max_chunks;
+    fill(z, lo, lo + z->chunk, z->alias + slot * z->chunk);
+    p = mmap(z->view + lo, z->chunk, PROT_READ, MAP_SHARED | MAP_FIXED | MAP_POPULATE, z->fd,
+             (off_t)(slot * z->chunk));
+    if (p == MAP_FAILED) return 0;
     z->state[c] = CHUNK_RESIDENT;
-    z->ring[(z->ring_head + z->resident) % z->max_chunks] = (uint32_t)c;
+    z->ring[slot] = (uint32_t)c;
     z->resident++;
     z->stats.fills++;
     if (z->resident > z->stats.peak_resident) z->stats.peak_resident = z->resident;
@@ -298,7 +301,7 @@ static int cmp_seg(const void *a, const void *b) {
 
 static void lazy_free(zc_lazy *z) {
     if (z->view && z->view != MAP_FAILED) munmap(z->view, z->mapped);
-    if (z->alias && z->alias != MAP_FAILED) munmap(z->alias, z->mapped);
+    if (z->alias && z->alias != MAP_FAILED) munmap(z->alias, (size_t)z->max_chunks * z->chunk);
     if (z->fd >= 0) close(z->fd);
     free(z->segs);
     free(z->state);
@@ -357,13 +360,15 @@ int zc_lazy_create(const zc_convert_seg *segs, size_t n_segs, unsigned dst_dtype
         }
     }
     z->fd = memfd_create("ray_zerocopy-convert", MFD_CLOEXEC);
-    if (z->fd < 0 || ftruncate(z->fd, (off_t)z->mapped) != 0) {
+    if (z->fd < 0 || ftruncate(z->fd, (off_t)((size_t)z->max_chunks * chunk)) != 0) {
         rc = -errno;
         lazy_free(z);
         return rc;
     }
-    z->view = (unsigned char *)mmap(NULL, z->mapped, PROT_NONE, MAP_SHARED, z->fd, 0);
-    z->alias = (unsigned char *)mmap(NULL, z->mapped, PROT_READ | PROT_WRITE, MAP_SHARED, z->fd, 0);
+    z->view = (unsigned char *)mmap(NULL, z->mapped, PROT_NONE,
+                                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    z->alias = (unsigned char *)mmap(NULL, (size_t)z->max_chunks * chunk, PROT_READ | PROT_WRITE,
+                                     MAP_SHARED, z->fd, 0);
     if (z->view == MAP_FAILED || z->alias == MAP_FAILED) {
         rc = -errno;
         lazy_free(z);

@@ -1,6 +1,6 @@
 """The driver's memory while it wraps a safetensors checkpoint, in a fresh process and Ray.
 
-Usage: checkpoint_check.py DIR BYTES [--no-prefetch] [--bf16-to-fp32]
+Usage: checkpoint_check.py DIR BYTES [--no-prefetch] [--bf16-to-fp32 [--staged]]
 
 Writes a checkpoint of an MLP of about BYTES (in a child process, so that this one never holds
 the weights), then, in this process: builds the MLP on the meta device, wraps it with
@@ -82,6 +82,9 @@ def main() -> int:
     from safetensors.torch import load_file
 
     from ray_zerocopy import TaskWrapper, _zc
+
+    if "--staged" in sys.argv:
+        _zc.convert_supported = lambda dst, src: False
     from ray_zerocopy.files import CheckpointSource
 
     torch.set_num_threads(1)
