@@ -856,8 +856,11 @@ class FromFiles:
                 holding either (as ``save_pretrained`` writes it), a list of files, or a dict
                 ``{model attribute path: any of those}``.
             dtype: convert every floating-point checkpoint tensor to this dtype on the way
-                (e.g. a bfloat16 checkpoint into a float32 model). Each converted tensor is staged
-                in the driver until the put: the driver's memory grows by the converted size.
+                (e.g. a bfloat16 checkpoint into a float32 model), as ``Tensor.to`` does. Between
+                float16, bfloat16, float32 and float64 the conversion happens during the store's
+                copy, within a window of at most 32 MiB of the driver's memory; anything else
+                (float8) is converted whole and held in the driver until the put
+                (docs/files.md).
             **kwargs: the constructor's (``device``, ``use_fast_load``, Ray options, ...).
 
         Raises:
