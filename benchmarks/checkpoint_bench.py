@@ -15,6 +15,14 @@ Contenders (each in its own process, with its own Ray, one after another):
   (written beforehand, not timed): every actor does ``load_state_dict(torch.load(path,
   mmap=True, weights_only=True), assign=True)`` on a meta-device model (shared pages too).
 
+A model named ``NAME@bf16`` (e.g. ``gpt2-medium@bf16``) is the float32 model NAME with a
+bfloat16 checkpoint: its weights are rounded to bfloat16 and saved so, and every contender
+converts them back to float32 on the way: ``ours-from-safetensors`` with ``dtype=torch.float32``
+(during the store's copy, in a bounded window), ``load-then-wrap`` through ``load_state_dict``'s
+copy into the float32 model, the ``actors-*`` with ``.float()`` on each tensor in each actor (each
+actor's own float32 copy); ``ours-from-file`` does not apply. The reference output is the float32
+model with the rounded weights.
+
 Every file (safetensors, .pt, arena file) lives in a temporary folder under /dev/shm, removed at
 the end, also on error. Figures, per contender:
 
@@ -101,6 +109,14 @@ class _PeakAnon:
         self.growth = self.peak - self.base
 
 
+def _spec(spec_name: str) -> tuple[dict, str | None]:
+    """The model spec of NAME or NAME@DTYPE, and the checkpoint's dtype if it differs."""
+    import bench_models as bm
+
+    base, _, ckpt_dtype = spec_name.partition("@")
+    return bm.MODELS[base], ckpt_dtype or None
+
+
 def prepare(spec_name: str, folder: str, contenders: list) -> dict:
     """Writes the model's files (not timed): the safetensors checkpoint (tied weights once), and
     where a contender needs them the arena file and the torch.save'd state dict."""
@@ -110,22 +126,35 @@ def prepare(spec_name: str, folder: str, contenders: list) -> dict:
 
     import ray_zerocopy
 
-    spec = bm.MODELS[spec_name]
+    spec, ckpt_dtype = _spec(spec_name)
     model = bm.build(spec)
     out = {"ckpt": os.path.join(folder, "model.safetensors")}
-    save_model(model, out["ckpt"])
-    if "ours-from-file" in contenders:
+    if ckpt_dtype:
+        with torch.no_grad():  # the float32 model with the weights the checkpoint holds
+            for t in model.state_dict().values():
+                if t.is_floating_point():
+                    t.copy_(t.to(getattr(torch, ckpt_dtype)))
+        ckpt_model = bm.build_skeleton(spec).to(getattr(torch, ckpt_dtype)).to_empty(device="cpu")
+        ckpt_model.tie()
+        ckpt_model.load_state_dict(model.state_dict())
+        save_model(ckpt_model, out["ckpt"])
+        out["convert"] = spec["dtype"]
+    else:
+        ckpt_model = model
+        save_model(model, out["ckpt"])
+    if "ours-from-file" in contenders and not ckpt_dtype:
         out["file"] = os.path.join(folder, "model.rzc")
         ray_zerocopy.save(bm.Pipeline(model), out["file"])
     if "actors-torch-load-mmap" in contenders:
         out["pt"] = os.path.join(folder, "model.pt")
-        torch.save(model.state_dict(), out["pt"])
+        torch.save(ckpt_model.state_dict(), out["pt"])
     x = bm.make_input(spec)
     out["ref"] = os.path.join(folder, "ref.pt")
     torch.save({"x": x, "y": bm.Pipeline(model)(x)}, out["ref"])
     out["bytes"] = os.path.getsize(out["ckpt"])
+    out["model_bytes"] = bm.model_bytes(model)[0]
     out["n_params"] = bm.n_params(model)
-    out["dtype"] = spec["dtype"]
+    out["dtype"] = f"{spec['dtype']} model, {ckpt_dtype} checkpoint" if ckpt_dtype else spec["dtype"]
     return out
 
 
@@ -199,7 +228,7 @@ def run_one(name: str, spec_name: str, files: dict, actors: int) -> dict:
     import ray
     import torch
 
-    spec = bm.MODELS[spec_name]
+    spec, _ = _spec(spec_name)
     ref = torch.load(files["ref"])
     store = min(int(files["bytes"] * 2.5) + (256 << 20), int(0.8 * bc.shm_available()))
     ray.init(num_cpus=max(2, actors), include_dashboard=False, log_to_driver=False,
@@ -226,7 +255,6 @@ def run_one(name: str, spec_name: str, files: dict, actors: int) -> dict:
             def load(self, handle, spec_name, files):
                 # Imports are not in the load time (the handle's were done while unpickling
                 # it); they are in the end-to-end time.
-                import bench_models as bm2
                 import torch as t2
                 from safetensors.torch import load_file
 
@@ -236,11 +264,14 @@ def run_one(name: str, spec_name: str, files: dict, actors: int) -> dict:
                 if handle is not None:
                     self.p = handle.load()
                 else:  # actors-*: the actor reads the file itself
-                    p = _meta_pipeline(bm2.MODELS[spec_name])
+                    p = _meta_pipeline(_spec(spec_name)[0])
                     if "pt" in files:
                         sd = t2.load(files["pt"], mmap=True, weights_only=True)
                     else:
                         sd = _fill_tied(load_file(files["ckpt"]), _tied_groups(p.model))
+                    if "convert" in files:  # each actor its own converted copy
+                        to = getattr(t2, files["convert"])
+                        sd = {k: v.to(to) if v.is_floating_point() else v for k, v in sd.items()}
                     p.model.load_state_dict(sd, assign=True)
                     if hasattr(p.model, "tie"):
                         p.model.tie()
@@ -262,12 +293,14 @@ def run_one(name: str, spec_name: str, files: dict, actors: int) -> dict:
         time.sleep(0.5)
 
         mine = {k: v for k, v in files.items()
-                if k in (("pt",) if name == "actors-torch-load-mmap" else ("ckpt",))}
+                if k in (("pt",) if name == "actors-torch-load-mmap" else ("ckpt",))
+                or k == "convert"}
+        convert = {"dtype": getattr(torch, files["convert"])} if "convert" in files else {}
         t0 = time.perf_counter()
         with _PeakAnon() as peak:
             if name == "ours-from-safetensors":
                 handle = ActorWrapper.from_safetensors(_meta_pipeline(spec),
-                                                       {"model": files["ckpt"]})
+                                                       {"model": files["ckpt"]}, **convert)
             elif name == "ours-from-file":
                 handle = ActorWrapper.from_file(files["file"])
             elif name == "load-then-wrap":
@@ -367,10 +400,12 @@ def markdown(data: dict) -> str:
         if "error" in md:
             lines += [f"**{model}**: failed before the contenders ran: {md['error'][-300:]}", ""]
             continue
-        size = md["bytes"]
+        size = md.get("model_bytes", md["bytes"])  # "models" are of the model as it runs
         res = md["results"]
         lines.append(f"**{model}** ({md['n_params'] / 1e6:,.0f}M parameters, {md['dtype']}, "
-                     f"safetensors file {size / 2**20:,.0f} MiB), {n} actors\n")
+                     f"safetensors file {md['bytes'] / 2**20:,.0f} MiB"
+                     + (f", model {size / 2**20:,.0f} MiB: every contender converts"
+                        if "model_bytes" in md else "") + f"), {n} actors\n")
         head = ["contender", f"file to {n} answering", "vs best without us", "wrap",
                 "load in actor", "driver private peak: wrap / all", "node memory",
                 "vs best without us", "output"]
@@ -471,8 +506,13 @@ def main() -> int:
             md = {k: files[k] for k in ("bytes", "n_params", "dtype")}
             md["results"] = {}
             data["models"][model] = md
-            paths = {k: v for k, v in files.items() if k in ("ckpt", "file", "pt", "ref", "bytes")}
+            paths = {k: v for k, v in files.items()
+                     if k in ("ckpt", "file", "pt", "ref", "bytes", "convert")}
+            if "convert" in files:
+                md["model_bytes"] = files["model_bytes"]
             for name in contenders:
+                if name == "ours-from-file" and "file" not in files:
+                    continue  # a converting checkpoint: no arena file of it
                 print(f"-- {model} / {name}", flush=True)
                 t = time.perf_counter()
                 md["results"][name] = r = _contender(name, model, paths, args.actors,

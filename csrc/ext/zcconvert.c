@@ -164,7 +164,7 @@ static PyObject *py_convert(PyObject *self, PyObject *args) {
     dsz = zc_dtype_size(dst_code);
     ssz = zc_dtype_size(src_code);
     n = ssz ? (size_t)src.len / ssz : 0;
-    if (!zc_convert_supported(dst_code, src_code)) {
+    if (!zc_convert_supported(dst_code, src_code) || ssz == 0) {
         code = ZC_EINVAL;
     } else if ((size_t)src.len % ssz || (size_t)dst.len != n * dsz) {
         PyBuffer_Release(&dst);
