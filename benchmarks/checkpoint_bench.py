@@ -114,7 +114,8 @@ def _spec(spec_name: str) -> tuple[dict, str | None]:
     import bench_models as bm
 
     base, _, ckpt_dtype = spec_name.partition("@")
-    return bm.MODELS[base], ckpt_dtype or None
+    short = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    return bm.MODELS[base], short.get(ckpt_dtype, ckpt_dtype) or None
 
 
 def prepare(spec_name: str, folder: str, contenders: list) -> dict:
@@ -354,14 +355,29 @@ def _ratio(x, best) -> str:
     return "-" if not best or best <= 0 else f"{x / best:.2f}x"
 
 
+def _ways(data: dict) -> str:
+    names = {r for md in data["models"].values() for r in md.get("results", {})}
+    words = ["no", "one", "two", "three", "four", "five"]
+    k = len(names) or len(data["meta"].get("contenders", CONTENDERS))
+    return words[k] if k < len(words) else str(k)
+
+
 def markdown(data: dict) -> str:
     """The 'From checkpoint' section: one table per model."""
     meta = data["meta"]
     m = meta.get("machine", {})
     n = meta["actors"]
+    converting = [m for m in data["models"] if "@" in m]
     lines = [
-        "## From checkpoint\n",
-        f"A checkpoint file on `/dev/shm` to {n} Ray actors answering, five ways "
+        "## From checkpoint"
+        + (", converting the dtype" if converting and len(converting) == len(data["models"])
+           else "") + "\n",
+        ("A model named `NAME@bf16` is the float32 model NAME with a bfloat16 checkpoint: every "
+         "contender converts, ours during the store's copy (`dtype=torch.float32`), the "
+         "`actors-*` each in its own memory (`.float()`), `load-then-wrap` in the driver's "
+         "`load_state_dict`; `ours-from-file` does not apply. Its memory ratios are in float32 "
+         "models.\n" if converting else ""),
+        f"A checkpoint file on `/dev/shm` to {n} Ray actors answering, {_ways(data)} ways "
         "(`benchmarks/checkpoint_bench.py`; each contender in its own process and Ray, one "
         "after another; files written beforehand, not timed). **File to "
         f"{n} answering**: end to end, the driver's wrap, starting {n} fresh actors, each "

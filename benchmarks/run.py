@@ -96,7 +96,7 @@ PLANS = {
         "load_repeats": 5, "steady_calls": 5, "wrap_repeats": 4, "task_calls": 30,
         "data_rows": 16, "data_batch": 8, "copy_actor_cap": 4,
         "contender_figures": {"ours-actor-fastload": ["load"]},
-        "checkpoint_models": ["gpt2-medium", "gpt-1.3b-bf16"],
+        "checkpoint_models": ["gpt2-medium", "gpt-1.3b-bf16", "gpt2-medium@bf16"],
     },
     "full": {
         "models": [
@@ -114,7 +114,7 @@ PLANS = {
         "load_repeats": 7, "steady_calls": 20, "wrap_repeats": 4, "task_calls": 30,
         "data_rows": 128, "data_batch": 8,
         "contender_figures": {"ours-actor-fastload": ["load", "inference"]},
-        "checkpoint_models": ["gpt2-medium", "gpt-1.3b-bf16"],
+        "checkpoint_models": ["gpt2-medium", "gpt-1.3b-bf16", "gpt2-medium@bf16"],
     },
 }
 CHECKPOINT_ACTORS = 4  # the 'From checkpoint' section: a file on /dev/shm to 4 actors answering
