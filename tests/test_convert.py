@@ -152,3 +152,38 @@ def test_lazy_region_refuses_bad_segments():
         _zc.LazyConvert(ok, code_of(torch.bfloat16), 0, 4096, 2, [src])
     with pytest.raises(TypeError):
         _zc.LazyConvert([("x",)], code_of(torch.bfloat16), 256, 4096, 2, [src])
+
+
+def test_lazy_region_puts_the_handler_back_on_top(tmp_path):
+    """faulthandler.enable() after a region was made replaces the core's fault handler; the next
+    region puts it back on top, so its reads are served without faulthandler seeing them (which
+    would print a 'Fatal Python error' and disable itself). In a fresh process."""
+    import subprocess
+    import sys
+
+    code = """
+import faulthandler, sys, warnings
+import torch
+from ray_zerocopy import _zc
+from ray_zerocopy.dtypes import code_of
+
+def region(n):
+    src = torch.arange(n, dtype=torch.float32).to(torch.bfloat16)
+    r = _zc.LazyConvert([(src.data_ptr(), code_of(torch.bfloat16), n, 0)], code_of(torch.float32),
+                        4 * n, 4096, 2, [src])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return r, torch.frombuffer(r, dtype=torch.float32, count=n), src.float()
+
+faulthandler.disable()
+r1, v1, e1 = region(10000)
+assert torch.equal(v1, e1)
+faulthandler.enable()  # on top of the core's handler now
+r2, v2, e2 = region(20000)  # puts it back on top
+assert torch.equal(v2, e2) and torch.equal(v1, e1)
+assert faulthandler.is_enabled()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert "Fatal Python error" not in out.stderr, out.stderr[-2000:]
