@@ -374,6 +374,9 @@ int zc_lazy_create(const zc_convert_seg *segs, size_t n_segs, unsigned dst_dtype
         lazy_free(z);
         return rc;
     }
+    /* A child forked while the region lives gets no alias: it cannot write into the slots the
+     * parent's readers see (a read of an absent chunk kills the child instead). */
+    (void)madvise(z->alias, (size_t)z->max_chunks * chunk, MADV_DONTFORK);
     z->stats.chunk = chunk;
     z->stats.max_chunks = z->max_chunks;
     z->stats.n_chunks = z->n_chunks;
