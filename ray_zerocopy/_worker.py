@@ -128,10 +128,13 @@ def load_pipeline(
     new unpickle), so no state survives between calls; only the read-only views are shared.
     """
     if not cache or writable:  # a private copy is per call: it may be written to
-        skeleton, loaded = load_arena(
-            ref, device=device, fast_load=fast_load, protect=protect, writable=writable
-        )
-        return rebuild(skeleton, loaded)
+        with _gc_paused():  # one pause for both steps, the new objects kept old (see _fresh)
+            skeleton, loaded = load_arena(
+                ref, device=device, fast_load=fast_load, protect=protect, writable=writable
+            )
+            pipeline = rebuild(skeleton, loaded)
+            _promote_young()
+        return pipeline
     return _take(_entry(ref, device, fast_load, protect))
 
 
@@ -244,10 +247,15 @@ def _fresh(entry: _Entry) -> Any:
     """
     with _gc_paused():
         pipeline = rebuild(entry.skeleton, entry.loaded)
-        if gc.get_freeze_count() == 0:
-            gc.freeze()
-            gc.unfreeze()
+        _promote_young()
     return pipeline
+
+
+def _promote_young() -> None:
+    """Moves the young objects to the oldest generation without a collection (see _fresh)."""
+    if gc.get_freeze_count() == 0:
+        gc.freeze()
+        gc.unfreeze()
 
 
 def _start_builder() -> None:
