@@ -4,7 +4,8 @@
  * zc_convert() converts n elements between float16, bfloat16, float32 and float64 with the
  * rounding torch's Tensor.to() uses on the CPU: round to nearest even; float64 reaches float16
  * and bfloat16 through float32 (as c10::Half and c10::BFloat16 are built from a float); a NaN
- * stays a NaN (bfloat16: 0x7fc0 with its sign, as c10 writes it).
+ * stays a NaN, but its bits may differ from torch's (bfloat16: 0x7fc0 with its sign here, where
+ * torch 2.13 writes 0xffff).
  *
  * A lazy region (zc_lazy_*) is read-only memory whose bytes are such conversions of source
  * memory, made on first access, a chunk at a time, with at most max_chunks chunks resident: a
@@ -30,6 +31,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -206,6 +208,10 @@ static void lazy_lock(void) {
 
 static void lazy_unlock(void) { atomic_flag_clear_explicit(&g_lazy_lock, memory_order_release); }
 
+/* fork() while another thread holds the lock would leave it held forever in the child. */
+static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
+static void lazy_atfork(void) { (void)pthread_atfork(lazy_lock, lazy_unlock, lazy_unlock); }
+
 /* Writes bytes [lo, hi) of the region to dst: every segment's part converted, zeros between. */
 static void fill(zc_lazy *z, size_t lo, size_t hi, unsigned char *dst) {
     size_t esz = zc_dtype_size(z->dst_dtype), at = lo;
@@ -236,6 +242,7 @@ static int evict_oldest(zc_lazy *z) {
     void *p = mmap(z->view + (size_t)c * z->chunk, z->chunk, PROT_NONE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) return -errno;
+    (void)madvise(p, z->chunk, MADV_DONTFORK);
     z->state[c] = CHUNK_ABSENT;
     z->ring_head = (z->ring_head + 1) % z->max_chunks;
     z->resident--;
@@ -254,6 +261,7 @@ static int make_resident(zc_lazy *z, size_t c) {
     p = mmap(z->view + lo, z->chunk, PROT_READ, MAP_SHARED | MAP_FIXED | MAP_POPULATE, z->fd,
              (off_t)(slot * z->chunk));
     if (p == MAP_FAILED) return 0;
+    (void)madvise(p, z->chunk, MADV_DONTFORK); /* a new mapping: not the view's advice */
     z->state[c] = CHUNK_RESIDENT;
     z->ring[slot] = (uint32_t)c;
     z->resident++;
@@ -265,12 +273,13 @@ static int make_resident(zc_lazy *z, size_t c) {
     return 1;
 }
 
-/* Is this fault a write?  Only x86-64 says so in the signal context; elsewhere a write to a
- * resident chunk (a bug: the view is read-only) is treated as a race already resolved. */
+/* Is this fault a write (or an instruction fetch)?  Only x86-64 says so in the signal context;
+ * elsewhere a write to a region (a bug: the view is read-only) is taken for a read, and the
+ * writer faults again and again instead of dying. */
 static int is_write(const void *uctx) {
 #if defined(__x86_64__) && defined(REG_ERR)
     const ucontext_t *uc = (const ucontext_t *)uctx;
-    return uc && (uc->uc_mcontext.gregs[REG_ERR] & 2) != 0;
+    return uc && (uc->uc_mcontext.gregs[REG_ERR] & (2 | 16)) != 0; /* a write or a fetch */
 #else
     (void)uctx;
     return 0;
@@ -337,6 +346,8 @@ int zc_lazy_create(const zc_convert_seg *segs, size_t n_segs, unsigned dst_dtype
         free(z);
         return ZC_ETOOBIG;
     }
+    /* One read may span two chunks: a window of one would evict one half to make the other. */
+    if (max_chunks < 2) max_chunks = 2;
     z->max_chunks = max_chunks < z->n_chunks ? max_chunks : (unsigned)z->n_chunks;
     z->segs = (zc_convert_seg *)malloc((n_segs ? n_segs : 1) * sizeof *segs);
     z->state = (unsigned char *)calloc(z->n_chunks, 1);
@@ -374,9 +385,12 @@ int zc_lazy_create(const zc_convert_seg *segs, size_t n_segs, unsigned dst_dtype
         lazy_free(z);
         return rc;
     }
-    /* A child forked while the region lives gets no alias: it cannot write into the slots the
-     * parent's readers see (a read of an absent chunk kills the child instead). */
+    /* A child forked while the region lives inherits none of it: it cannot write into the slots
+     * the parent's readers see, nor read a slot the parent later gives another chunk (its read
+     * of the region kills it instead); the lock is not held across fork (lazy_atfork). */
     (void)madvise(z->alias, (size_t)z->max_chunks * chunk, MADV_DONTFORK);
+    (void)madvise(z->view, z->mapped, MADV_DONTFORK);
+    (void)pthread_once(&g_atfork_once, lazy_atfork);
     z->stats.chunk = chunk;
     z->stats.max_chunks = z->max_chunks;
     z->stats.n_chunks = z->n_chunks;

@@ -650,6 +650,7 @@ class CheckpointSource(Source):
             per_shard[key.shard].append(src)
 
         # Non-persistent buffers on the meta device: in no state dict, so in no checkpoint.
+        from_checkpoint = set(replace)  # the rest are buffers the model initializes itself
         uncovered = self._init_meta_buffers(set(names_of), replace)
         problems = []
         if missing:
@@ -699,12 +700,14 @@ class CheckpointSource(Source):
                 time.perf_counter() - t0,
             )
         if self.dtype is not None:
-            self._convert(replace)
+            self._convert(replace, from_checkpoint)
         self._handles = handles  # the mappings live until the put (held by the views too)
         return replace, len(files), n_bytes
 
-    def _convert(self, replace: dict[int, torch.Tensor]) -> None:
-        """Puts tensors of ``self.dtype`` in place of the checkpoint's floating-point views.
+    def _convert(self, replace: dict[int, torch.Tensor], tids: set[int]) -> None:
+        """Puts tensors of ``self.dtype`` in place of the checkpoint's floating-point views
+        (``replace[tid]`` for ``tid`` in ``tids``; a buffer the model initialized itself keeps
+        the model's dtype).
 
         Every contiguous view of a dtype the core converts (float16, bfloat16, float32, float64)
         becomes a view of one lazy region (``_zc.LazyConvert``, ``csrc/convert.c``): read-only
@@ -721,7 +724,7 @@ class CheckpointSource(Source):
         lazy: list[tuple[int, torch.Tensor, int]] = []
         size = 0
         for tid, src in list(replace.items()):
-            if not src.is_floating_point() or src.dtype == self.dtype:
+            if tid not in tids or not src.is_floating_point() or src.dtype == self.dtype:
                 continue
             src_code = code_of(src.dtype)
             if (

@@ -304,3 +304,36 @@ def test_driver_private_memory_stays_small(tmp_path, convert):
         assert lazy["regions_created"] == 1 and lazy["regions_alive"] == 0, r
         assert 0 < lazy["peak_resident_bytes"] <= 0.05 * model, r
         assert lazy["fills"] * 65536 >= r["converted"], r  # every chunk was made
+
+
+def test_dtype_conversion_leaves_buffers_the_model_initializes(tmp_path):
+    """dtype= converts the checkpoint's tensors only: a float32 non-persistent buffer that the
+    model fills itself (as a Hugging Face rotary embedding's inv_freq, kept in float32 in a
+    bfloat16 model) keeps its dtype and values."""
+    from ray_zerocopy.files import CheckpointSource
+
+    class Rotary(nn.Module):
+        config = {}  # what marks a model whose _init_weights fills meta buffers
+
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8, dtype=torch.bfloat16)
+            self.register_buffer("inv_freq", torch.empty(4, dtype=torch.float32),
+                                 persistent=False)
+
+        def _init_weights(self, m):
+            if m is self:
+                self.inv_freq.copy_(1.0 / (10000 ** (torch.arange(4, dtype=torch.float32) / 4)))
+
+    torch.manual_seed(0)
+    path = _save({"proj.weight": torch.randn(8, 8), "proj.bias": torch.randn(8)},
+                 tmp_path / "fp32.safetensors")
+    with torch.device("meta"):
+        meta = Rotary()
+    source = CheckpointSource(meta, path, dtype=torch.bfloat16)
+    replace, _, _ = source._map_and_check()
+    inv = replace[id(meta.inv_freq)]
+    assert inv.dtype == torch.float32
+    assert torch.equal(inv, 1.0 / (10000 ** (torch.arange(4, dtype=torch.float32) / 4)))
+    assert replace[id(meta.proj.weight)].dtype == torch.bfloat16
+    assert source.converted_bytes > 0 and source.staged_bytes == 0

@@ -1,6 +1,6 @@
 """dtype conversion in the C core (csrc/convert.c), without Ray: convert() against torch's
-Tensor.to() bit for bit, and LazyConvert regions (converted on first read, chunk by chunk, within
-a window) read from several threads."""
+Tensor.to() bit for bit (a NaN only has to stay a NaN), and LazyConvert regions (converted on
+first read, chunk by chunk, within a window) read from several threads."""
 
 from __future__ import annotations
 
