@@ -391,9 +391,6 @@ int zc_lazy_create(const zc_convert_seg *segs, size_t n_segs, unsigned dst_dtype
     (void)madvise(z->alias, (size_t)z->max_chunks * chunk, MADV_DONTFORK);
     (void)madvise(z->view, z->mapped, MADV_DONTFORK);
     (void)pthread_once(&g_atfork_once, lazy_atfork);
-    z->stats.chunk = chunk;
-    z->stats.max_chunks = z->max_chunks;
-    z->stats.n_chunks = z->n_chunks;
     rc = zc__fault_handler_current();
     if (rc != 0) {
         lazy_free(z);
@@ -425,6 +422,9 @@ void zc_lazy_get_stats(const zc_lazy *z, zc_lazy_stats *out) {
     lazy_lock();
     *out = z->stats;
     out->resident = z->resident;
+    out->chunk = z->chunk;
+    out->max_chunks = z->max_chunks;
+    out->n_chunks = z->n_chunks;
     lazy_unlock();
 }
 

@@ -7,7 +7,6 @@
 #include <Python.h>
 
 #include <errno.h>
-#include <stddef.h>
 #include <string.h>
 
 #include "zerocopy/zc.h"
@@ -26,12 +25,9 @@ typedef struct {
     PyObject_HEAD
     zc_lazy *lazy;
     PyObject *owners; /* Whatever keeps the sources mapped (a list), until the region goes. */
-    Py_ssize_t exports;
-    PyObject *weakrefs;
 } LazyObject;
 
 static void lazy_dealloc(LazyObject *self) {
-    if (self->weakrefs) PyObject_ClearWeakRefs((PyObject *)self);
     zc_lazy_destroy(self->lazy);
     Py_XDECREF(self->owners);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -96,16 +92,12 @@ static int lazy_getbuffer(LazyObject *self, Py_buffer *view, int flags) {
         view->obj = NULL;
         return -1;
     }
-    if (PyBuffer_FillInfo(view, (PyObject *)self, (void *)zc_lazy_data(self->lazy),
-                          (Py_ssize_t)zc_lazy_size(self->lazy), 1, flags) < 0)
-        return -1;
-    self->exports++;
-    return 0;
+    /* The export holds a reference: the region outlives every view of it. */
+    return PyBuffer_FillInfo(view, (PyObject *)self, (void *)zc_lazy_data(self->lazy),
+                             (Py_ssize_t)zc_lazy_size(self->lazy), 1, flags);
 }
 
-static void lazy_releasebuffer(LazyObject *self, Py_buffer *view) { self->exports--; }
-
-static PyBufferProcs lazy_as_buffer = {(getbufferproc)lazy_getbuffer, (releasebufferproc)lazy_releasebuffer};
+static PyBufferProcs lazy_as_buffer = {(getbufferproc)lazy_getbuffer, NULL};
 
 static PyObject *lazy_stats(LazyObject *self, PyObject *unused) {
     zc_lazy_stats st;
@@ -117,30 +109,15 @@ static PyObject *lazy_stats(LazyObject *self, PyObject *unused) {
                          "n_chunks", (unsigned long long)st.n_chunks);
 }
 
-static PyObject *lazy_get_address(LazyObject *self, void *closure) {
-    return PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)zc_lazy_data(self->lazy));
-}
-
-static PyObject *lazy_get_size(LazyObject *self, void *closure) {
-    return PyLong_FromSize_t(zc_lazy_size(self->lazy));
-}
-
 static PyMethodDef lazy_methods[] = {
     {"stats", (PyCFunction)lazy_stats, METH_NOARGS,
      "stats()\n--\n\nfills, evictions, peak_resident, resident, chunk, max_chunks, n_chunks."},
     {NULL, NULL, 0, NULL},
 };
 
-static PyGetSetDef lazy_getset[] = {
-    {"address", (getter)lazy_get_address, NULL, "Start address of the region.", NULL},
-    {"size", (getter)lazy_get_size, NULL, "Bytes in the region.", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
 static PyTypeObject LazyType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ray_zerocopy._zc.LazyConvert",
     .tp_basicsize = sizeof(LazyObject),
-    .tp_weaklistoffset = offsetof(LazyObject, weakrefs),
     .tp_dealloc = (destructor)lazy_dealloc,
     .tp_as_buffer = &lazy_as_buffer,
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -149,7 +126,6 @@ static PyTypeObject LazyType = {
               "count, offset) source elements converted to dst_code, made on first read chunk by\n"
               "chunk with at most max_chunks chunks resident. owners is kept alive with it.",
     .tp_methods = lazy_methods,
-    .tp_getset = lazy_getset,
     .tp_init = (initproc)lazy_init,
     .tp_new = PyType_GenericNew,
 };
