@@ -13,7 +13,7 @@ Also prints the worker-side cost of getting a fresh pipeline (``--breakdown``) a
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/task_overhead.py \
         [--models small-5000,stack-200t-d512,resnet50] [--calls 60] [--block 10] \
-        [--compare] [--breakdown] [--profile]
+        [--compare] [--breakdown] [--profile] [--pause SECONDS]
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def fmt(s, scale=1e3, unit="ms"):
 
 
 def run_model(name: str, calls: int, per_block: int, breakdown: bool, profile: bool,
-              compare: bool) -> dict:
+              compare: bool, pause: float = 0.0) -> dict:
     from ray_zerocopy import TaskWrapper
 
     spec = bm.MODELS[name]
@@ -175,6 +175,8 @@ def run_model(name: str, calls: int, per_block: int, breakdown: bool, profile: b
         for label in labels[k:] + labels[:k]:
             fns[label]()  # first of a block: after another kind, not timed
             for _ in range(per_block):
+                if pause:  # calls apart, as a worker serving sporadic requests sees them
+                    time.sleep(pause)
                 t0 = P()
                 d = fns[label]()
                 times[label].append(P() - t0)
@@ -183,7 +185,7 @@ def run_model(name: str, calls: int, per_block: int, breakdown: bool, profile: b
     lm = statistics.median(times["local"])
     res = {k: summary(v) for k, v in times.items()}
     _, n = bm.model_bytes(pipeline.model)
-    print(f"\n{name} ({n} tensors)")
+    print(f"\n{name} ({n} tensors)" + (f", {pause * 1e3:g} ms between calls" if pause else ""))
     print(f"  local     {fmt(res['local'])}")
     print(f"  bare task {fmt(res['bare'])}")
     busy_rt = summary(direct["busy"])
@@ -217,6 +219,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--compare", action="store_true",
                     help="also time calls that unpickle the skeleton on every call")
+    ap.add_argument("--pause", type=float, default=0.0,
+                    help="seconds between calls (not timed; default: back to back)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     names = args.models.split(",")
@@ -227,7 +231,8 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}")
     print("# " + " ".join(["OMP_NUM_THREADS=1", ".venv/bin/python"] + sys.argv))
     for name in names:
-        run_model(name, args.calls, args.block, args.breakdown, args.profile, args.compare)
+        run_model(name, args.calls, args.block, args.breakdown, args.profile, args.compare,
+                  args.pause)
     ray.shutdown()
 
 

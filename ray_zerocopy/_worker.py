@@ -2,14 +2,14 @@
 
 Each process keeps a small cache of mapped arenas (the views) and, for task calls, at most one
 *spare* pipeline per arena: a pipeline rebuilt from the skeleton that no call has used yet. A
-task call takes the spare at once (:func:`task_pipeline`); after the call a daemon thread
+task call takes the spare at once (:func:`call_fresh`); after the call a daemon thread
 rebuilds the next spare while the worker waits for its next task, so the O(tensors) skeleton
 unpickle is off the critical path whenever the worker has that much idle time between calls.
 Every call still gets a pipeline nobody has used before: no state survives between calls.
 
 Entries unused for ``RAY_ZEROCOPY_CACHE_TTL`` seconds (default 30) are dropped, spare and all,
 by a daemon thread, so that an arena whose wrapper was dropped in the driver is released by
-idle workers and the object store can free it. ``RAY_ZEROCOPY_SPARE=1`` turns on the spare
+idle workers and the object store can free it. ``RAY_ZEROCOPY_SPARE=0`` turns the spare
 pipelines off (every call then rebuilds on its critical path).
 """
 
@@ -31,10 +31,9 @@ from .unpack import LoadedArena, _gc_paused, rebuild
 CACHE_TTL = float(os.environ.get("RAY_ZEROCOPY_CACHE_TTL", "30"))
 CACHE_MAX = int(os.environ.get("RAY_ZEROCOPY_CACHE_MAX", "4"))
 
-# Off by default: with spares on, a Serve application's old weights stayed in the object store
-# after a redeploy (docs/serving.md's test); the cause is not found yet. RAY_ZEROCOPY_SPARE=1
-# turns them on.
-SPARE = os.environ.get("RAY_ZEROCOPY_SPARE", "0") == "1"
+# On by default; RAY_ZEROCOPY_SPARE=0 turns them off (every call then unpickles its pipeline on
+# its critical path).
+SPARE = os.environ.get("RAY_ZEROCOPY_SPARE", "1") != "0"
 #: Seconds the spare builder waits after a call ends before it starts, so as not to compete
 #: with Ray returning that call's result (measured on the 2-vCPU VM, 200 tensors: the result
 #: reached the driver 0.8 ms later when the builder started at once, 0.4 ms with 1 ms, none
