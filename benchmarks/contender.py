@@ -138,6 +138,16 @@ def bare_task(x):
     return x
 
 
+@ray.remote
+def busy_task(x, seconds):
+    """A bare task that spins for ``seconds`` before returning its input: Ray's own round trip
+    for a task as long as the wrapped call's computation (longer than for an empty task)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return x
+
+
 def start_actors(n):
     actors = [Host.remote(ADAPTER_NAME) for _ in range(n)]
     ray.get([a.__ray_ready__.remote() for a in actors])
@@ -260,10 +270,13 @@ def do_data(adapter, handle, spec, rows, batch, res):
 def do_task(adapter, handle, spec, pipeline, calls, res, per_block=5):
     """Figure 3: per-call overhead = wrapped call - same computation locally, vs a bare task.
 
-    The three kinds (local computation, bare task, wrapped call) run in blocks of ``per_block``
+    The four kinds (local computation, bare task, a bare task spinning as long as the local
+    computation took, wrapped call) run in blocks of ``per_block``
     back-to-back calls, the blocks rotated over ``calls // per_block`` rounds (the first call of
     a block, after another kind, not timed), so that a drift of the machine's speed over the
-    measurement hits the three alike instead of biasing the difference."""
+    measurement hits them alike instead of biasing the difference. Then the same, half as
+    many calls, with ``SPORADIC_PAUSE`` seconds of idle time before each call
+    (``res["task_sporadic"]``)."""
     x = bm.make_input(spec)
     fn = adapter.task_callable(handle)
     for _ in range(2):
@@ -276,14 +289,35 @@ def do_task(adapter, handle, spec, pipeline, calls, res, per_block=5):
     equal = bool(torch.equal(out, pipeline(x)))
     for _ in range(2):
         fn(x)
+    warm = []
+    for _ in range(3):
+        t0 = P()
+        pipeline(x)
+        warm.append(P() - t0)
+    work = sorted(warm)[1]
     kinds = {"local": lambda: pipeline(x), "bare": lambda: ray.get(bare_task.remote(x)),
-             "wrapped": lambda: fn(x)}
+             "busy": lambda: ray.get(busy_task.remote(x, work)), "wrapped": lambda: fn(x)}
+    res["task"] = _task_rounds(kinds, calls, per_block, 0.0)
+    res["task"].update(first_call=first, outputs_equal=equal)
+    # The same with SPORADIC_PAUSE seconds before each call (not timed): a worker serving
+    # sporadic requests has that idle time between calls, back-to-back calls do not.
+    res["task_sporadic"] = _task_rounds(kinds, max(per_block, calls // 2), per_block,
+                                        SPORADIC_PAUSE)
+
+
+#: Seconds between calls in figure 3's "calls apart" measurement.
+SPORADIC_PAUSE = 0.05
+
+
+def _task_rounds(kinds, calls, per_block, pause):
     times = {k: [] for k in kinds}
     order = list(kinds)
     for r in range(max(1, calls // per_block)):
-        for k in order[r % 3:] + order[:r % 3]:
+        for k in order[r % len(order):] + order[:r % len(order)]:
             kinds[k]()
             for _ in range(per_block):
+                if pause:
+                    time.sleep(pause)
                 t0 = P()
                 kinds[k]()
                 times[k].append(P() - t0)
@@ -291,12 +325,17 @@ def do_task(adapter, handle, spec, pipeline, calls, res, per_block=5):
     lm = bc.summary(local)["median"]
     over = [w - lm for w in wrapped]
     bm_ = bc.summary(bare)["median"]
-    res["task"] = {"local": bc.summary(local), "bare_task": bc.summary(bare),
-                   "wrapped": bc.summary(wrapped), "overhead": bc.summary(over),
-                   "first_call": first, "outputs_equal": equal,
-                   "overhead_vs_bare": bc.summary(over)["median"] / bm_}
-    log(f"  task: local {lm * 1e3:.2f} ms, wrapped {bc.summary(wrapped)['median'] * 1e3:.2f} ms, "
-        f"bare {bm_ * 1e3:.2f} ms, overhead/bare {res['task']['overhead_vs_bare']:.2f}")
+    out = {"local": bc.summary(local), "bare_task": bc.summary(bare),
+           "wrapped": bc.summary(wrapped), "overhead": bc.summary(over),
+           "overhead_vs_bare": bc.summary(over)["median"] / bm_, "pause": pause}
+    if "busy" in times:  # a bare task computing as long as the local computation took
+        busy_m = bc.summary(times["busy"])["median"]
+        out["busy_task"] = bc.summary(times["busy"])
+        out["beyond_busy"] = bc.summary(wrapped)["median"] - busy_m
+    log(f"  task{f' ({pause * 1e3:g} ms apart)' if pause else ''}: local {lm * 1e3:.2f} ms, "
+        f"wrapped {bc.summary(wrapped)['median'] * 1e3:.2f} ms, bare {bm_ * 1e3:.2f} ms, "
+        f"overhead/bare {out['overhead_vs_bare']:.2f}")
+    return out
 
 
 # --------------------------------------------------------------------------- main
