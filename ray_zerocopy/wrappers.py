@@ -180,6 +180,16 @@ def _check_device_for_ray(device: Any, ray_options: dict) -> tuple[str | None, d
     return local, opts
 
 
+def _make_share(ref: Any, device: Any, share_device_copy: bool, writable: bool) -> Any:
+    """``device_share.make_share``, imported only when ``share_device_copy`` asks for it (its
+    import costs about 2 ms of a first wrap that does not)."""
+    if not share_device_copy:
+        return None
+    from .device_share import make_share
+
+    return make_share(ref, device, share_device_copy, writable)
+
+
 @ray.remote
 def _run_method(_zc_spec: tuple, *args: Any, **kwargs: Any) -> Any:
     box, method, device, fast_load, writable = _zc_spec[:5]
@@ -362,8 +372,6 @@ class TaskWrapper(_Handle, FromFiles):
         share_device_copy: bool = False,
         **ray_options: Any,
     ):
-        from .device_share import make_share
-
         self.device = device
         self.use_fast_load = bool(use_fast_load)
         self._writable = bool(writable)
@@ -371,9 +379,9 @@ class TaskWrapper(_Handle, FromFiles):
         if not ray.is_initialized():
             ray.init()
         self._task_device, self._ray_options = _check_device_for_ray(device, ray_options)
-        make_share(None, device, share_device_copy, writable)  # checks before packing
+        _make_share(None, device, share_device_copy, writable)  # checks before packing
         self._shared = _Shared.put(pipeline)
-        self._device_share = make_share(self._shared.ref, device, share_device_copy, writable)
+        self._device_share = _make_share(self._shared.ref, device, share_device_copy, writable)
 
     def __getattr__(self, name: str) -> _RemoteMethod:
         if name.startswith("__") or name == "_shared":
@@ -452,16 +460,14 @@ class ActorWrapper(_Handle, FromFiles):
         writable: bool = False,
         share_device_copy: bool = False,
     ):
-        from .device_share import make_share
-
         if device is not None:
             parse_device(device)
         self.device = device
         self.use_fast_load = bool(use_fast_load)
         self.writable = bool(writable)
-        make_share(None, device, share_device_copy, writable)  # checks before packing
+        _make_share(None, device, share_device_copy, writable)  # checks before packing
         self._shared = _Shared.put(pipeline)
-        self._device_share = make_share(self._shared.ref, device, share_device_copy, writable)
+        self._device_share = _make_share(self._shared.ref, device, share_device_copy, writable)
         self.load_seconds: float | None = None
 
     def load(self, device: Any = "default", use_fast_load: bool | None = None) -> Any:
