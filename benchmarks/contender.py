@@ -327,11 +327,10 @@ def _task_rounds(kinds, calls, per_block, pause):
     bm_ = bc.summary(bare)["median"]
     out = {"local": bc.summary(local), "bare_task": bc.summary(bare),
            "wrapped": bc.summary(wrapped), "overhead": bc.summary(over),
-           "overhead_vs_bare": bc.summary(over)["median"] / bm_, "pause": pause}
-    if "busy" in times:  # a bare task computing as long as the local computation took
-        busy_m = bc.summary(times["busy"])["median"]
-        out["busy_task"] = bc.summary(times["busy"])
-        out["beyond_busy"] = bc.summary(wrapped)["median"] - busy_m
+           "overhead_vs_bare": bc.summary(over)["median"] / bm_, "pause": pause,
+           # a bare task computing as long as the local computation took
+           "busy_task": bc.summary(times["busy"])}
+    out["beyond_busy"] = out["wrapped"]["median"] - out["busy_task"]["median"]
     log(f"  task{f' ({pause * 1e3:g} ms apart)' if pause else ''}: local {lm * 1e3:.2f} ms, "
         f"wrapped {bc.summary(wrapped)['median'] * 1e3:.2f} ms, bare {bm_ * 1e3:.2f} ms, "
         f"overhead/bare {out['overhead_vs_bare']:.2f}")

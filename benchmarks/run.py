@@ -231,46 +231,31 @@ def analyse(results, plan):
     r = ratio(lb, la)
     add(f"load latency unchanged (within 10%) at 4x the bytes, same tensor count ({a} -> {b})",
         r, 1.10, None if r is None else r <= 1.10, f"{fmt_s(la)} -> {fmt_s(lb)}")
-    for model in [m["model"] for m in plan["models"] if "task" in m["figures"]]:
-        ov = get(results, "ours-task", "models", model, "task", "overhead_vs_bare")
-        pub = get(results, "published-task", "models", model, "task", "overhead_vs_bare")
-        loc = get(results, "ours-task", "models", model, "task", "local", "values") or []
-        o_med = get(results, "ours-task", "models", model, "task", "overhead", "median")
+    def task_target(model, key, qualifier):
+        """The 1.5x target line of figure 3's measurement ``key`` ("task", "task_sporadic")."""
+        t = get(results, "ours-task", "models", model, key)
+        if not t:
+            return
+        ov = t["overhead_vs_bare"]
+        pub = get(results, "published-task", "models", model, key, "overhead_vs_bare")
+        loc = get(t, "local", "values") or []
+        o_med = get(t, "overhead", "median")
         noise = None
         if len(loc) >= 2:
             q1, q3 = bc.quartiles(loc)
             noise = q3 - q1
         below = o_med is not None and noise is not None and abs(o_med) < noise
-        add(f"task call overhead <= 1.5x a bare Ray task round trip ({model})", ov, 1.5,
-            None if ov is None or below else ov <= 1.5,
+        add(f"task call overhead <= 1.5x a bare Ray task round trip ({model}{qualifier})", ov,
+            1.5, None if ov is None or below else ov <= 1.5,
             ("not measurable here: the overhead is below the spread (IQR "
              f"{fmt_s(noise)}) of the computation itself; " if below else "") +
-            f"ours overhead {fmt_s(get(results, 'ours-task', 'models', model, 'task', 'overhead', 'median'))}"
-            f", bare task {fmt_s(get(results, 'ours-task', 'models', model, 'task', 'bare_task', 'median'))}"
+            f"ours overhead {fmt_s(o_med)}, bare task {fmt_s(get(t, 'bare_task', 'median'))}"
             f"; published: {fmt_r(pub)} of its bare task")
-        sp = get(results, "ours-task", "models", model, "task_sporadic", "overhead_vs_bare")
-        if sp is not None:
-            pause = get(results, "ours-task", "models", model, "task_sporadic", "pause") or 0
-            sp_pub = get(results, "published-task", "models", model, "task_sporadic",
-                         "overhead_vs_bare")
-            sp_loc = get(results, "ours-task", "models", model, "task_sporadic", "local",
-                         "values") or []
-            sp_med = get(results, "ours-task", "models", model, "task_sporadic", "overhead",
-                         "median")
-            sp_noise = None
-            if len(sp_loc) >= 2:
-                q1, q3 = bc.quartiles(sp_loc)
-                sp_noise = q3 - q1
-            sp_bare = get(results, "ours-task", "models", model, "task_sporadic", "bare_task",
-                          "median")
-            sp_below = sp_med is not None and sp_noise is not None and abs(sp_med) < sp_noise
-            add(f"task call overhead <= 1.5x a bare Ray task round trip ({model}, calls "
-                f"{pause * 1e3:g} ms apart)", sp, 1.5,
-                None if sp_below else sp <= 1.5,
-                ("not measurable here: the overhead is below the spread (IQR "
-                 f"{fmt_s(sp_noise)}) of the computation itself; " if sp_below else "") +
-                f"ours overhead {fmt_s(sp_med)}, bare task {fmt_s(sp_bare)}"
-                f"; published: {fmt_r(sp_pub)} of its bare task")
+
+    for model in [m["model"] for m in plan["models"] if "task" in m["figures"]]:
+        task_target(model, "task", "")
+        pause = get(results, "ours-task", "models", model, "task_sporadic", "pause") or 0
+        task_target(model, "task_sporadic", f", calls {pause * 1e3:g} ms apart")
     for model in [m["model"] for m in plan["models"] if "memory" in m["figures"]]:
         for n in ("4", "8"):
             v = get(results, "ours-actor", "models", model, "memory", "by_actors", n, "models")

@@ -181,8 +181,8 @@ def _check_device_for_ray(device: Any, ray_options: dict) -> tuple[str | None, d
 
 
 def _make_share(ref: Any, device: Any, share_device_copy: bool, writable: bool) -> Any:
-    """``device_share.make_share``, imported only when ``share_device_copy`` asks for it (its
-    import costs about 2 ms of a first wrap that does not)."""
+    """``device_share.make_share``, imported only when ``share_device_copy`` asks for it (a
+    wrap that does not share has no use for the module)."""
     if not share_device_copy:
         return None
     from .device_share import make_share
@@ -640,11 +640,7 @@ class ModelWrapper(_Handle):
                 p for p, _ in find_modules(model_or_pipeline) if p and "." not in p and "[" not in p
             ]
         shared = _Shared.put(model_or_pipeline)
-        share = None
-        if share_device_copy:
-            from .device_share import make_share
-
-            share = make_share(shared.ref, "cuda", True, False)
+        share = _make_share(shared.ref, "cuda", share_device_copy, False)
         return cls(
             shared,
             mode,
