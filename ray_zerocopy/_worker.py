@@ -4,7 +4,8 @@ Each process keeps a small cache of mapped arenas (the views) and, for task call
 *spare* pipeline per arena: a pipeline rebuilt from the skeleton that no call has used yet. A
 task call takes the spare at once (:func:`call_fresh`); after the call a daemon thread
 rebuilds the next spare while the worker waits for its next task, so the O(tensors) skeleton
-unpickle is off the critical path whenever the worker has that much idle time between calls.
+unpickle is off the critical path whenever the worker has that much idle time between calls
+(and no spare is built while calls come faster than that: :func:`_spare_in_time`).
 Every call still gets a pipeline nobody has used before: no state survives between calls.
 
 Entries unused for ``RAY_ZEROCOPY_CACHE_TTL`` seconds (default 30) are dropped, spare and all,
@@ -39,6 +40,12 @@ SPARE = os.environ.get("RAY_ZEROCOPY_SPARE", "1") != "0"
 #: reached the driver 0.8 ms later when the builder started at once, 0.4 ms with 1 ms, none
 #: with 2.5 ms; the spare was still ready for the next call back to back).
 START_DELAY = 0.002
+#: Weight of the newest sample in an arena's running averages of the idle time before a call
+#: and of the time a rebuild takes (see :func:`_spare_in_time`).
+AVERAGE_WEIGHT = 0.3
+#: A call that starts less than this after its spare was finished most likely waited for the
+#: builder to release the interpreter lock (see :func:`_take`).
+LATE_WINDOW = 0.002
 
 _lock = threading.Lock()
 _cond = threading.Condition(_lock)  # guards everything below; signalled on every change
@@ -54,7 +61,23 @@ _last_end = 0.0  # time.monotonic() when the last of them ended
 class _Entry:
     """One mapped arena in this process's cache, and at most one spare pipeline over it."""
 
-    __slots__ = ("skeleton", "loaded", "last_used", "spare", "state", "cached", "taken", "rebuilt")
+    __slots__ = (
+        "skeleton",
+        "loaded",
+        "last_used",
+        "spare",
+        "state",
+        "cached",
+        "taken",
+        "rebuilt",
+        "skipped",
+        "ended",
+        "gap",
+        "build",
+        "late",
+        "built_at",
+        "spared",
+    )
 
     def __init__(self, skeleton: bytes, loaded: LoadedArena, now: float):
         self.skeleton = skeleton
@@ -65,6 +88,40 @@ class _Entry:
         self.cached = True
         self.taken = 0  # calls that got the spare
         self.rebuilt = 0  # calls that rebuilt on their critical path
+        self.skipped = 0  # calls after which no spare was built: it would not have been ready
+        self.ended: float | None = None  # time.monotonic() when the last call on it ended
+        # Running average of the idle time before a call (s), sampled when no spare was being
+        # built in it (the builder holds the interpreter lock and delays the call's start).
+        self.gap: float | None = None
+        self.build: float | None = None  # running average of a rebuild's duration (s)
+        self.late = False  # the last call came before its spare was (nearly) ready
+        self.built_at = 0.0  # time.monotonic() when the builder finished the last spare
+        self.spared = False  # a spare was queued after the last call
+
+
+def _average(old: float | None, sample: float) -> float:
+    return sample if old is None else old + AVERAGE_WEIGHT * (sample - old)
+
+
+def _spare_in_time(entry: _Entry) -> bool:
+    """Whether to build a spare after a call: whether it is expected to be ready, or nearly,
+    when the next call comes. Called with _lock held.
+
+    When calls come faster than a rebuild (a 5,000-tensor pipeline back to back: a 12 ms
+    rebuild, 2.5 ms of Ray round trip between calls), a spare saves nothing: the builder holds
+    the interpreter lock, Ray cannot start the next task until the spare is finished (measured:
+    the task's Python began 0.2 - 1.6 ms after the build's end), and the forward pass that
+    followed measured slower than on a pipeline the call built itself (28 - 30 ms against 21 ms
+    for that model). So a call that waited for its spare (``late``, see :func:`_take`) turns the
+    next one off, and spares stay off while the running average of the idle time before a call
+    (sampled only when no spare was built in it) is under half a rebuild. They come back as
+    soon as calls are further apart.
+    """
+    if entry.late:
+        return False
+    if entry.gap is None or entry.build is None:
+        return True
+    return entry.gap >= START_DELAY + entry.build / 2
 
 
 def _drop(entry: _Entry) -> None:
@@ -178,10 +235,16 @@ def call_fresh(
             if background and not _graveyard:
                 _graveyard.extend(held)
                 held.clear()
+            if entry is not None:
+                entry.ended = _last_end
             if SPARE and entry is not None:
                 if entry.cached and entry.spare is None and entry.state == "idle":
-                    entry.state = "queued"
-                    _queue.append(entry)
+                    entry.spared = _spare_in_time(entry)
+                    if entry.spared:
+                        entry.state = "queued"
+                        _queue.append(entry)
+                    else:
+                        entry.skipped += 1
             _cond.notify_all()
         if background:
             _start_builder()
@@ -214,12 +277,27 @@ def _entry(ref: ray.ObjectRef, device: Any, fast_load: bool, protect: bool) -> _
 
 def _take(entry: _Entry) -> Any:
     """A pipeline over ``entry`` no one has used: its spare (waiting for one being built),
-    else a rebuild in this thread."""
+    else a rebuild in this thread. Also samples the idle time before this call and whether
+    a spare came late (see :func:`_spare_in_time`)."""
     with _cond:
+        now = time.monotonic()
+        pending = entry.state != "idle"  # a spare queued or being built when the call came
+        if entry.ended is not None and not entry.spared:
+            entry.gap = _average(entry.gap, max(0.0, now - entry.ended))
+        entry.late = False
         while True:
             if entry.spare is not None:
                 pipeline, entry.spare = entry.spare, None
                 entry.taken += 1
+                if entry.build is not None:
+                    # The call came while the spare was built (it waited here), or it started
+                    # just as the build ended: the builder held the interpreter lock and Ray
+                    # could not start the task before (the usual case; measured 0.2 - 1.6 ms
+                    # after the build's end, back to back).
+                    waited = time.monotonic() - now if pending else 0.0
+                    entry.late = waited > entry.build / 2 or (
+                        not pending and now - entry.built_at < LATE_WINDOW
+                    )
                 return pipeline
             if entry.state != "building":
                 break
@@ -227,6 +305,7 @@ def _take(entry: _Entry) -> Any:
         if entry.state == "queued":  # not started: cheaper to build it here than to wait
             _queue.remove(entry)
             entry.state = "idle"
+            entry.late = True  # the call came within START_DELAY (or the builder was busy)
         entry.rebuilt += 1
     return _fresh(entry)
 
@@ -244,9 +323,13 @@ def _fresh(entry: _Entry) -> Any:
     does not make more frequent, look at them. Skipped if the process has frozen objects of
     its own (``gc.freeze`` before a fork), which ``unfreeze`` would release.
     """
+    t0 = time.perf_counter()
     with _gc_paused():
         pipeline = rebuild(entry.skeleton, entry.loaded)
         _promote_young()
+    spent = time.perf_counter() - t0
+    with _lock:
+        entry.build = _average(entry.build, spent)
     return pipeline
 
 
@@ -294,6 +377,7 @@ def _builder_loop() -> None:
             pipeline = None
         with _cond:
             entry.state = "idle"
+            entry.built_at = time.monotonic()
             if entry.cached and pipeline is not None:
                 entry.spare = pipeline
             _cond.notify_all()

@@ -244,6 +244,65 @@ def test_call_fresh_new_pipeline_each_call_and_spare_failure(ray_session, monkey
         assert len(_worker._graveyard) <= 1
 
 
+def test_spare_policy_follows_the_time_between_calls():
+    """The decision itself: a spare the last call waited for, or idle time between calls
+    shorter than half a rebuild, turns the next spare off."""
+    from ray_zerocopy import _worker
+
+    entry = _worker._Entry(b"", None, 0.0)
+    assert _worker._spare_in_time(entry)  # nothing measured yet
+    entry.build = 0.020
+    assert _worker._spare_in_time(entry)
+    entry.gap = _worker.START_DELAY + 0.009
+    assert not _worker._spare_in_time(entry)
+    entry.gap = _worker.START_DELAY + 0.011
+    assert _worker._spare_in_time(entry)
+    entry.late = True
+    assert not _worker._spare_in_time(entry)
+
+
+def test_no_spare_while_calls_come_faster_than_a_rebuild(ray_session, monkeypatch):
+    """Calls 10 ms apart with a 30 ms rebuild: a spare would not be ready in time, so after the
+    first call that waits for one the worker stops building them and each call rebuilds on its
+    own thread (results unchanged); calls further apart get spares again."""
+    from ray_zerocopy import _worker
+
+    monkeypatch.setattr(_worker, "SPARE", True)
+    real = _worker.rebuild
+
+    def slow(skeleton, loaded):
+        time.sleep(0.03)  # a rebuild of some 10,000 tensors
+        return real(skeleton, loaded)
+
+    monkeypatch.setattr(_worker, "rebuild", slow)
+    p = NetPipeline()
+    packed = rzc.pack(p)
+    ref = ray_session.put((packed.skeleton, packed.arena))
+    x = torch.randn(2, 8)
+    want = p(x)
+    seen = []
+
+    def fn(pipeline, x):
+        seen.append(pipeline)
+        return pipeline(x)
+
+    torch.testing.assert_close(want, want.clone())  # imported now, not between the calls
+    for _ in range(8):
+        torch.testing.assert_close(_worker.call_fresh(ref, fn, x), want, rtol=1e-6, atol=1e-6)
+        time.sleep(0.01)
+    entry = _worker._entry(ref, None, False, True)
+    # Without the policy every call from the third on waits some 20 ms for a spare.
+    assert entry.taken <= 1 and entry.skipped >= 5, (entry.skipped, entry.taken, entry.rebuilt)
+    assert entry.gap is not None and entry.gap < 0.017 and entry.build >= 0.03
+    taken = entry.taken
+    for _ in range(6):
+        time.sleep(0.3)
+        torch.testing.assert_close(_worker.call_fresh(ref, fn, x), want, rtol=1e-6, atol=1e-6)
+    assert entry.taken - taken >= 3, (entry.skipped, entry.taken, entry.rebuilt)
+    assert len({id(q) for q in seen}) == len(seen) == 14
+    seen.clear()
+
+
 class _Mortal(NetPipeline):
     """Records the thread that frees it."""
 
