@@ -80,8 +80,12 @@ def pickle_ref(holder: object, ref: Any) -> Any:
     data = cloudpickle.dumps(ref)
     after = _local_refs(ref)
     if before is not None and after is not None and after > before:
+        # One pickle adds one pin (Ray 2.x). A larger difference means another thread made a
+        # reference to the same object meanwhile: removing that one as well would free the
+        # weights under it, so at most one is counted (a reference dropped meanwhile can only
+        # hide the pin, which then lasts as long as this process, as without this module).
         old = _PINS.get(id(holder))
-        _PINS[id(holder)] = (ref, (old[1] if old else 0) + after - before, _worker_key())
+        _PINS[id(holder)] = (ref, (old[1] if old else 0) + 1, _worker_key())
     return _Pickled(data)
 
 

@@ -59,3 +59,33 @@ def test_in_band_pickle_is_left_to_ray(ray_session):
 
     assert ray_session.get(ref_of.remote([aw])) == aw.object_ref.hex()
     assert not _oob._PINS
+
+
+def test_a_reference_made_meanwhile_is_not_counted_as_a_pin(ray_session, monkeypatch):
+    """Another thread that makes a reference to the same object while the wrapper is pickled
+    must not have it removed with the pin: one pickle counts one pin, and the object stays
+    readable through that reference after the wrapper is dropped."""
+    import ray
+
+    aw = rzc.ActorWrapper(nn.Linear(8, 8))
+    ref = aw.object_ref
+    others = []
+    real = cloudpickle.dumps
+
+    def dumps_with_a_reference_made_meanwhile(obj, *args, **kwargs):
+        data = real(obj, *args, **kwargs)
+        if isinstance(obj, ray.ObjectRef):
+            others.append(ray.ObjectRef(obj.binary()))  # as another thread might, meanwhile
+        return data
+
+    monkeypatch.setattr(cloudpickle, "dumps", dumps_with_a_reference_made_meanwhile)
+    data = cloudpickle.dumps(aw)
+    monkeypatch.undo()
+    assert others, "the ref was not pickled through ray.cloudpickle.dumps"
+    assert [pins for r, pins, _ in _oob._PINS.values() if r == ref] == [1]
+    del aw, data
+    gc.collect()
+    assert not _oob._PINS
+    assert _oob._local_refs(ref) >= 2  # `ref` and the other thread's reference
+    skeleton, arena = ray_session.get(others[0], timeout=10)
+    assert len(skeleton) > 0 and memoryview(arena).nbytes > 0
