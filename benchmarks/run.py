@@ -796,6 +796,12 @@ def main():
           f"{machine['ram_bytes'] / 2**30:.1f} GiB RAM, /dev/shm {machine['shm_bytes'] / 2**30:.1f} GiB")
     print(f"   results: {run_dir}")
 
+    # The .pyc of the benchmark modules and of the package, written now: with
+    # PYTHONDONTWRITEBYTECODE=1 in the environment (as on the development VM) no process
+    # writes them, and every actor then compiled bench_models.py from source in its first
+    # load, about 3 ms of every contender's load figure (seen in a cProfile of one load).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", HERE,
+                    os.path.join(ROOT, "ray_zerocopy")], cwd=ROOT, capture_output=True)
     # warm-up: imports of both venvs (file caches), before anything is timed
     skipped = []
     for py in sorted({c[1] for c in contenders}):
