@@ -237,6 +237,7 @@ def call_fresh(
                 held.clear()
             if entry is not None:
                 entry.ended = _last_end
+                entry.spared = False  # the idle time before the next call is a sample
             if SPARE and entry is not None:
                 if entry.cached and entry.spare is None and entry.state == "idle":
                     entry.spared = _spare_in_time(entry)
