@@ -109,11 +109,11 @@ def _spare_in_time(entry: _Entry) -> bool:
 
     When calls come faster than a rebuild (a 5,000-tensor pipeline back to back: a 12 ms
     rebuild, 2.5 ms of Ray round trip between calls), a spare saves nothing: the builder holds
-    the interpreter lock, Ray cannot start the next task until the spare is finished (measured:
-    the task's Python began 0.2 - 1.6 ms after the build's end), and the forward pass that
-    followed measured slower than on a pipeline the call built itself (28 - 30 ms against 21 ms
-    for that model). So a call that waited for its spare (``late``, see :func:`_take`) turns the
-    next one off, and spares stay off while the running average of the idle time before a call
+    the interpreter lock, Ray cannot start the next task until the spare is finished (the call
+    started about 1 ms after the build's end), and the forward pass that followed cost 26 - 28
+    ms of CPU against 21 ms on a pipeline the call built itself (benchmarks/spare_probe.py).
+    So a call that came before its spare was ready (``late``, see :func:`_take`) turns the next
+    one off, and spares stay off while the running average of the idle time before a call
     (sampled only when no spare was built in it) is under half a rebuild. They come back as
     soon as calls are further apart.
     """
@@ -293,8 +293,8 @@ def _take(entry: _Entry) -> Any:
                 if entry.build is not None:
                     # The call came while the spare was built (it waited here), or it started
                     # just as the build ended: the builder held the interpreter lock and Ray
-                    # could not start the task before (the usual case; measured 0.2 - 1.6 ms
-                    # after the build's end, back to back).
+                    # could not start the task before (the usual case; about 1 ms after the
+                    # build's end back to back in benchmarks/spare_probe.py).
                     waited = time.monotonic() - now if pending else 0.0
                     entry.late = waited > entry.build / 2 or (
                         not pending and now - entry.built_at < LATE_WINDOW
