@@ -72,6 +72,20 @@ def settle_node_pss(samples: int = 3, pause: float = 0.3) -> int:
     return min(vals)
 
 
+def script_env() -> str:
+    """For a benchmark script run directly, before it imports torch or Ray: its Ray workers
+    import the benchmark modules too (``PYTHONPATH``), every process computes on one thread,
+    and Ray sends no usage stats. Returns the benchmarks directory."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [here] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return here
+
+
 def status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

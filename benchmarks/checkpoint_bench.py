@@ -60,12 +60,10 @@ import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [HERE] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402  (standard library only)
+
+HERE = bc.script_env()
 
 CONTENDERS = ["ours-from-safetensors", "ours-from-file", "load-then-wrap",
               "actors-load-safetensors", "actors-torch-load-mmap"]
@@ -201,7 +199,6 @@ def _meta_kernels() -> None:
 def _node_pss() -> int:
     """PSS of this driver and the Ray processes it started (not other Ray instances on the
     machine): the minimum of three samples 0.3 s apart (workers settle)."""
-    import bench_common as bc
 
     vals = []
     for _ in range(3):
@@ -224,7 +221,6 @@ def _wait_gone(pids, timeout: float = 30.0) -> None:
 
 
 def run_one(name: str, spec_name: str, files: dict, actors: int) -> dict:
-    import bench_common as bc
     import bench_models as bm
     import ray
     import torch
@@ -481,7 +477,6 @@ def main() -> int:
         print("RESULT " + json.dumps(res))
         return 0
     signal.signal(signal.SIGTERM, _on_sigterm)
-    import bench_common as bc
 
     only = [s for s in args.only.split(",") if s]
     unknown = sorted(set(only) - set(CONTENDERS))

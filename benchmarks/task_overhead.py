@@ -25,12 +25,10 @@ import statistics
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [HERE] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402  (standard library only)
+
+HERE = bc.script_env()
 
 import bench_models as bm  # noqa: E402
 import ray  # noqa: E402
