@@ -507,33 +507,25 @@ def write_docs(path, results, plan, targets, meta):
         if "task" not in item["figures"]:
             continue
         rows = []
-        ours = get(results, "ours-task", "models", model, "task", "overhead", "median")
-        for n in task_names:
-            t = get(results, n, "models", model, "task")
-            if not t:
-                errs = errors_of(results, n, model)
-                if errs:
-                    rows.append([LABELS[n], "failed: " + "; ".join(errs)[:160]] + [""] * 8)
-                continue
-            rows.append([LABELS[n], fmt_s(t["local"]["median"]), fmt_s(t["first_call"]),
-                         " / ".join(stat_row(t["wrapped"], fmt_s)),
-                         " / ".join(stat_row(t["overhead"], fmt_s)),
-                         fmt_s(t["bare_task"]["median"]), fmt_r(t["overhead_vs_bare"]),
-                         fmt_r(ratio(t["overhead"]["median"], ours)),
-                         fmt_s(get(t, "busy_task", "median")), fmt_s(t.get("beyond_busy"))])
-        ours_sp = get(results, "ours-task", "models", model, "task_sporadic", "overhead",
-                      "median")
-        for n in task_names:
-            t = get(results, n, "models", model, "task_sporadic")
-            if not t:
-                continue
-            rows.append([f"{LABELS[n]}, calls {t['pause'] * 1e3:g} ms apart",
-                         fmt_s(t["local"]["median"]), "",
-                         " / ".join(stat_row(t["wrapped"], fmt_s)),
-                         " / ".join(stat_row(t["overhead"], fmt_s)),
-                         fmt_s(t["bare_task"]["median"]), fmt_r(t["overhead_vs_bare"]),
-                         fmt_r(ratio(t["overhead"]["median"], ours_sp)),
-                         fmt_s(get(t, "busy_task", "median")), fmt_s(t.get("beyond_busy"))])
+        # back to back, then with idle time before every call ("task_sporadic")
+        for key in ("task", "task_sporadic"):
+            ours = get(results, "ours-task", "models", model, key, "overhead", "median")
+            for n in task_names:
+                t = get(results, n, "models", model, key)
+                if not t:
+                    errs = errors_of(results, n, model) if key == "task" else None
+                    if errs:
+                        rows.append([LABELS[n], "failed: " + "; ".join(errs)[:160]] + [""] * 8)
+                    continue
+                label = LABELS[n] + (f", calls {t['pause'] * 1e3:g} ms apart" if t.get("pause")
+                                     else "")
+                first = fmt_s(t["first_call"]) if "first_call" in t else ""
+                rows.append([label, fmt_s(t["local"]["median"]), first,
+                             " / ".join(stat_row(t["wrapped"], fmt_s)),
+                             " / ".join(stat_row(t["overhead"], fmt_s)),
+                             fmt_s(t["bare_task"]["median"]), fmt_r(t["overhead_vs_bare"]),
+                             fmt_r(ratio(t["overhead"]["median"], ours)),
+                             fmt_s(get(t, "busy_task", "median")), fmt_s(t.get("beyond_busy"))])
         w(f"**{model}**\n")
         w(table(["contender", "local", "first call", "call median / min / max",
                  "overhead median / min / max", "bare task", "overhead / bare", "vs ours",
@@ -799,7 +791,7 @@ def main():
     # The .pyc of the benchmark modules and of the package, written now: with
     # PYTHONDONTWRITEBYTECODE=1 in the environment (as on the development VM) no process
     # writes them, and every actor then compiled bench_models.py from source in its first
-    # load, about 3 ms of every contender's load figure (seen in a cProfile of one load).
+    # load: 2.5 ms for that import against 0.35 ms with a .pyc (benchmarks/README.md, fig. 2).
     subprocess.run([sys.executable, "-m", "compileall", "-q", HERE,
                     os.path.join(ROOT, "ray_zerocopy")], cwd=ROOT, capture_output=True)
     # warm-up: imports of both venvs (file caches), before anything is timed

@@ -76,7 +76,6 @@ class _Entry:
         "build",
         "late",
         "built_at",
-        "spared",
     )
 
     def __init__(self, skeleton: bytes, loaded: LoadedArena, now: float):
@@ -96,7 +95,6 @@ class _Entry:
         self.build: float | None = None  # running average of a rebuild's duration (s)
         self.late = False  # the last call came before its spare was (nearly) ready
         self.built_at = 0.0  # time.monotonic() when the builder finished the last spare
-        self.spared = False  # a spare was queued after the last call
 
 
 def _average(old: float | None, sample: float) -> float:
@@ -108,10 +106,11 @@ def _spare_in_time(entry: _Entry) -> bool:
     when the next call comes. Called with _lock held.
 
     When calls come faster than a rebuild (a 5,000-tensor pipeline back to back: a 12 ms
-    rebuild, 2.5 ms of Ray round trip between calls), a spare saves nothing: the builder holds
-    the interpreter lock, Ray cannot start the next task until the spare is finished (the call
-    started about 1 ms after the build's end), and the forward pass that followed cost 26 - 28
-    ms of CPU against 21 ms on a pipeline the call built itself (benchmarks/spare_probe.py).
+    rebuild against a 2.3 ms bare task round trip, benchmarks/task_overhead.py --breakdown), a
+    spare saves nothing: the builder holds the interpreter lock, Ray cannot start the next task
+    until the spare is finished (the call started about 1 ms after the build's end), and the
+    forward pass that followed cost 26 - 28 ms of CPU against 21 ms on a pipeline the call built
+    itself (benchmarks/spare_probe.py).
     So a call that came before its spare was ready (``late``, see :func:`_take`) turns the next
     one off, and spares stay off while the running average of the idle time before a call
     (sampled only when no spare was built in it) is under half a rebuild. They come back as
@@ -237,11 +236,9 @@ def call_fresh(
                 held.clear()
             if entry is not None:
                 entry.ended = _last_end
-                entry.spared = False  # the idle time before the next call is a sample
             if SPARE and entry is not None:
                 if entry.cached and entry.spare is None and entry.state == "idle":
-                    entry.spared = _spare_in_time(entry)
-                    if entry.spared:
+                    if _spare_in_time(entry):
                         entry.state = "queued"
                         _queue.append(entry)
                     else:
@@ -283,7 +280,8 @@ def _take(entry: _Entry) -> Any:
     with _cond:
         now = time.monotonic()
         pending = entry.state != "idle"  # a spare queued or being built when the call came
-        if entry.ended is not None and not entry.spared:
+        # The idle time since the last call is a sample only if no spare was built in it.
+        if entry.ended is not None and not pending and entry.built_at <= entry.ended:
             entry.gap = _average(entry.gap, max(0.0, now - entry.ended))
         entry.late = False
         while True:
