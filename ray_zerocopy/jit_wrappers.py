@@ -97,6 +97,8 @@ class JITTaskWrapper(TaskWrapper):
             device of their weights).
         use_fast_load: prefault (CPU) or pinned copies (GPU), as for ``TaskWrapper``.
         writable: give each task a private, writable copy of the weights.
+        share_device_copy: with ``device="cuda"``: one copy of the weights per GPU, shared by
+            every task on it, as for ``TaskWrapper`` (docs/device.md).
         **ray_options: passed to the task (``num_cpus``, ``num_gpus``, ...).
 
     Raises:
@@ -114,11 +116,17 @@ class JITTaskWrapper(TaskWrapper):
         device: Any = None,
         use_fast_load: bool = False,
         writable: bool = False,
+        share_device_copy: bool = False,
         **ray_options: Any,
     ):
         pipeline = _as_pipeline(pipeline)
         super().__init__(
-            pipeline, device=device, use_fast_load=use_fast_load, writable=writable, **ray_options
+            pipeline,
+            device=device,
+            use_fast_load=use_fast_load,
+            writable=writable,
+            share_device_copy=share_device_copy,
+            **ray_options,
         )
         extra = script_methods(pipeline)
         if extra:
@@ -141,6 +149,8 @@ class JITActorWrapper(ActorWrapper):
         device: default device for :meth:`load`.
         use_fast_load: prefault the weights during load (CPU) or pinned copies (GPU).
         writable: load private, writable copies instead of read-only shared views.
+        share_device_copy: with ``device="cuda"``: one copy of the weights per GPU, shared by
+            every actor on it, as for ``ActorWrapper`` (docs/device.md).
 
     Example:
         >>> aw = JITActorWrapper(torch.jit.trace(model, x))
@@ -151,10 +161,21 @@ class JITActorWrapper(ActorWrapper):
     """
 
     def __init__(
-        self, pipeline: Any, device: Any = None, use_fast_load: bool = False, writable: bool = False
+        self,
+        pipeline: Any,
+        device: Any = None,
+        use_fast_load: bool = False,
+        writable: bool = False,
+        share_device_copy: bool = False,
     ):
         pipeline = _as_pipeline(pipeline)
-        super().__init__(pipeline, device=device, use_fast_load=use_fast_load, writable=writable)
+        super().__init__(
+            pipeline,
+            device=device,
+            use_fast_load=use_fast_load,
+            writable=writable,
+            share_device_copy=share_device_copy,
+        )
         extra = script_methods(pipeline)
         if extra:
             self._shared.methods = frozenset(self._shared.methods | extra)

@@ -224,5 +224,33 @@ def test_model_wrapper_and_task_plumbing(ray_session, fake_backend):
     assert len(uploads(fake_backend)) == 1
 
 
+def test_jit_wrappers_share_one_device_copy(ray_session, fake_backend, monkeypatch):
+    """JITTaskWrapper and JITActorWrapper take share_device_copy as their eager siblings do
+    (before, JITTaskWrapper passed it on to Ray as a task option, failing every call)."""
+    from ray_zerocopy import wrappers
+
+    torch.manual_seed(2)
+    model = mlp()
+    x = torch.randn(3, 64)
+    scripted = torch.jit.script(model)
+    want = model(x)
+    for cls in (rzc.JITTaskWrapper, rzc.JITActorWrapper):
+        with pytest.raises(rzc.DeviceError, match="device='cuda'"):
+            cls(scripted, share_device_copy=True)
+    aw = rzc.JITActorWrapper(scripted, device="cuda", share_device_copy=True)
+    loaded = aw.load()
+    assert isinstance(loaded, torch.jit.ScriptModule)
+    assert torch.equal(loaded(x), want)
+    # this cluster has no GPU for the task to ask for: let the wrap go ahead without one
+    monkeypatch.setattr(wrappers, "_check_device_for_ray", lambda d, opts: ("cuda", dict(opts)))
+    tw = rzc.JITTaskWrapper(scripted, device="cuda", share_device_copy=True)
+    assert tw._device_share is not None and "share_device_copy" not in tw._ray_options
+    # what its task runs, called in this process (this cluster has no GPU to ask for)
+    spec = ([tw.object_ref], "__call__", "cuda", False, False, tw._device_share)
+    assert torch.equal(wrappers._run_method._function(spec, x), want)
+    # one upload per wrapper on this GPU, made by its holder
+    assert len(uploads(fake_backend)) == 2
+
+
 def teardown_module():
     shutil.rmtree(LOG_DIR, ignore_errors=True)
