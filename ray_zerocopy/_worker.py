@@ -16,15 +16,19 @@ pipelines off (every call then rebuilds on its critical path).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
+import torch
+from torch import nn
 
 from .errors import OwnerDiedError
 from .unpack import LoadedArena, _gc_paused, rebuild
@@ -46,6 +50,9 @@ AVERAGE_WEIGHT = 0.3
 #: A call that starts less than this after its spare was finished most likely waited for the
 #: builder to release the interpreter lock (see :func:`_take`).
 LATE_WINDOW = 0.002
+#: Every this many rebuilds of an arena (and its 2nd to 4th), the used pipeline's release is
+#: checked for a reference cycle that outlives it (see :func:`_free`).
+CYCLE_CHECK_EVERY = 16
 
 _lock = threading.Lock()
 _cond = threading.Condition(_lock)  # guards everything below; signalled on every change
@@ -53,9 +60,10 @@ _cache: OrderedDict[tuple, _Entry] = OrderedDict()
 _janitor: threading.Thread | None = None
 _builder: threading.Thread | None = None
 _queue: deque[_Entry] = deque()  # entries waiting for a spare to be built
-_graveyard: list[Any] = []  # a pipeline used by a call, to be freed by the builder
+_graveyard: list[list[Any]] = []  # [entry, pipeline, check] a call used, to be freed
 _tasks_running = 0  # call_fresh calls running in this process
 _last_end = 0.0  # time.monotonic() when the last of them ended
+_collect_due = False  # a full collection for the builder to run in idle time (see _free)
 
 
 class _Entry:
@@ -76,6 +84,9 @@ class _Entry:
         "build",
         "late",
         "built_at",
+        "calls",
+        "builds",
+        "cyclic",
     )
 
     def __init__(self, skeleton: bytes, loaded: LoadedArena, now: float):
@@ -95,6 +106,11 @@ class _Entry:
         self.build: float | None = None  # running average of a rebuild's duration (s)
         self.late = False  # the last call came before its spare was (nearly) ready
         self.built_at = 0.0  # time.monotonic() when the builder finished the last spare
+        self.calls = 0  # call_fresh calls using this entry now (the janitor leaves it alone)
+        self.builds = 0  # pipelines rebuilt over it so far
+        # Its used pipelines were found held by reference cycles: they are no longer moved
+        # to the oldest generation (see _fresh, _free), so that the collector finds them.
+        self.cyclic = False
 
 
 def _average(old: float | None, sample: float) -> float:
@@ -183,14 +199,15 @@ def load_pipeline(
     new unpickle), so no state survives between calls; only the read-only views are shared.
     """
     if not cache or writable:  # a private copy is per call: it may be written to
-        with _gc_paused():  # one pause for both steps, the new objects kept old (see _fresh)
+        # One pause for both steps. The new objects are kept old (see _fresh), except those
+        # of a private copy: it holds a copy of the weights, which a reference cycle must not
+        # keep out of reach of the collector's young passes.
+        with _built_old(not writable):
             skeleton, loaded = load_arena(
                 ref, device=device, fast_load=fast_load, protect=protect, writable=writable
             )
-            pipeline = rebuild(skeleton, loaded)
-            _promote_young()
-        return pipeline
-    return _take(_entry(ref, device, fast_load, protect))
+            return rebuild(skeleton, loaded)
+    return _take(_entry(ref, device, fast_load, protect))[0]
 
 
 def call_fresh(
@@ -212,30 +229,41 @@ def call_fresh(
     with _cond:
         _tasks_running += 1
     entry = None
-    held: list[Any] = []  # the only reference once fn returns: freed on the builder thread
+    # [entry, pipeline, check]: the only reference to the pipeline once fn returns
+    held: list[Any] = []
+    returned = False
     try:
         if writable:
-            held.append(load_pipeline(ref, device=device, fast_load=fast_load, writable=True))
+            pipeline = load_pipeline(ref, device=device, fast_load=fast_load, writable=True)
+            held[:] = [None, pipeline, False]
+            del pipeline
         else:
             entry = _entry(ref, device, fast_load, True)
-            held.append(_take(entry))
-        return fn(held[0], *args)
+            with _lock:
+                entry.calls += 1
+            held[:] = [entry, *_take(entry)]
+        result = fn(held[1], *args)
+        returned = True
+        return result
     finally:
-        # A pipeline over the cached read-only views is freed by the builder thread in idle
-        # time, spares or not (some 8 objects per tensor: 3 ms for 5,000 tensors here, which
-        # would otherwise pass before Ray sends this call's result); a private writable copy
-        # is freed at once (it holds a copy of the weights).
-        background = entry is not None
+        if not returned and held:
+            held[2] = False  # an exception's traceback may still hold the pipeline: no check
         with _cond:
             _tasks_running -= 1
             _last_end = time.monotonic()
-            # At most one used pipeline waits for the builder: when calls come faster than it
-            # frees them (tasks queued on this worker), a call frees its own as it returns.
-            if background and not _graveyard:
-                _graveyard.extend(held)
-                held.clear()
             if entry is not None:
-                entry.ended = _last_end
+                entry.calls -= 1
+                entry.ended = entry.last_used = _last_end
+            # A pipeline over the cached read-only views is freed by the builder thread in
+            # idle time, spares or not (some 8 objects per tensor: 2.3 ms for 5,000 tensors,
+            # benchmarks/floor_probe.py, which would otherwise pass before Ray sends this
+            # call's result). At most one waits for it: when calls come faster than it frees
+            # them (tasks queued on this worker), a call frees its own as it returns, as it
+            # does a private writable copy (it holds a copy of the weights) and a pipeline
+            # over views the cache has dropped meanwhile (so that they are released now).
+            if entry is not None and entry.cached and held and not _graveyard:
+                _graveyard.append(held[:])
+                held.clear()
             if SPARE and entry is not None:
                 if entry.cached and entry.spare is None and entry.state == "idle":
                     if _spare_in_time(entry):
@@ -244,7 +272,9 @@ def call_fresh(
                     else:
                         entry.skipped += 1
             _cond.notify_all()
-        if background:
+        if held:
+            _free(held)
+        if entry is not None:
             _start_builder()
 
 
@@ -273,10 +303,11 @@ def _entry(ref: ray.ObjectRef, device: Any, fast_load: bool, protect: bool) -> _
     return entry
 
 
-def _take(entry: _Entry) -> Any:
+def _take(entry: _Entry) -> tuple[Any, bool]:
     """A pipeline over ``entry`` no one has used: its spare (waiting for one being built),
-    else a rebuild in this thread. Also samples the idle time before this call and whether
-    a spare came late (see :func:`_spare_in_time`)."""
+    else a rebuild in this thread, and whether its release is to be checked for a reference
+    cycle (see :func:`_fresh`). Also samples the idle time before this call and whether a spare came
+    late (see :func:`_spare_in_time`)."""
     with _cond:
         now = time.monotonic()
         pending = entry.state != "idle"  # a spare queued or being built when the call came
@@ -286,7 +317,7 @@ def _take(entry: _Entry) -> Any:
         entry.late = False
         while True:
             if entry.spare is not None:
-                pipeline, entry.spare = entry.spare, None
+                spare, entry.spare = entry.spare, None
                 entry.taken += 1
                 if entry.build is not None:
                     # The call came while the spare was built (it waited here), or it started
@@ -297,7 +328,7 @@ def _take(entry: _Entry) -> Any:
                     entry.late = waited > entry.build / 2 or (
                         not pending and now - entry.built_at < LATE_WINDOW
                     )
-                return pipeline
+                return spare
             if entry.state != "building":
                 break
             _cond.wait()
@@ -309,8 +340,9 @@ def _take(entry: _Entry) -> Any:
     return _fresh(entry)
 
 
-def _fresh(entry: _Entry) -> Any:
+def _fresh(entry: _Entry) -> tuple[Any, bool]:
     """Rebuilds a pipeline over ``entry``, its objects kept out of the young generations.
+    Returns it and whether :func:`_free` is to check its release for a reference cycle.
 
     A pipeline of N tensors is some 8N new container objects (modules, their dicts, hook
     dicts, tensors). Left young, the next allocation after the rebuild starts a collection
@@ -321,22 +353,89 @@ def _fresh(entry: _Entry) -> Any:
     instead (a list splice; see the gc module docs), where only full collections, which this
     does not make more frequent, look at them. Skipped if the process has frozen objects of
     its own (``gc.freeze`` before a fork), which ``unfreeze`` would release.
+
+    That is only right for objects that reference counting frees: garbage moved there is not
+    counted towards the next full collection. So the young generations are collected first
+    (the garbage other code left there; they hold little, as every rebuild empties them), and
+    a pipeline whose release shows that a reference cycle held it (:func:`_free`) turns this
+    off for its arena.
     """
     t0 = time.perf_counter()
-    with _gc_paused():
+    promote = not entry.cyclic
+    with _built_old(promote):
         pipeline = rebuild(entry.skeleton, entry.loaded)
-        _promote_young()
     spent = time.perf_counter() - t0
     with _lock:
         entry.build = _average(entry.build, spent)
-    return pipeline
+        entry.builds += 1
+        n = entry.builds
+    return pipeline, promote and (2 <= n <= 4 or n % CYCLE_CHECK_EVERY == 0)
 
 
-def _promote_young() -> None:
-    """Moves the young objects to the oldest generation without a collection (see _fresh)."""
-    if gc.get_freeze_count() == 0:
-        gc.freeze()
-        gc.unfreeze()
+_ATOMIC = (str, bytes, int, float, bool, type(None), torch.Tensor)
+
+
+def _weak_refs(pipeline: Any) -> list[weakref.ref]:
+    """Weak references to every module ``pipeline`` holds and to the objects (those that take
+    them) on the way to them: containers and plain objects, not what is inside a module
+    other than its submodules (``Module.modules``: far cheaper than the packer's full walk,
+    which also visits every module's attributes and tensors)."""
+    refs: list[weakref.ref] = []
+    seen: set[int] = set()
+    stack = [pipeline]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, _ATOMIC) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, nn.Module):
+            refs.extend(weakref.ref(m) for m in obj.modules())
+            continue
+        with contextlib.suppress(TypeError):
+            refs.append(weakref.ref(obj))
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(v for v in obj if not isinstance(v, _ATOMIC))
+        elif isinstance(obj, dict):
+            stack.extend(v for v in obj.values() if not isinstance(v, _ATOMIC))
+        else:
+            d = getattr(obj, "__dict__", None)
+            if isinstance(d, dict):
+                stack.extend(v for v in d.values() if not isinstance(v, _ATOMIC))
+    return refs
+
+
+@contextlib.contextmanager
+def _built_old(promote: bool) -> Iterator[None]:
+    """Pauses the collector while a pipeline is made; with ``promote``, collects the young
+    generations first and moves the objects made to the oldest one after (see _fresh)."""
+    with _gc_paused():
+        promote = promote and gc.get_freeze_count() == 0
+        if promote:
+            gc.collect(1)
+        yield
+        if promote:
+            gc.freeze()
+            gc.unfreeze()
+
+
+def _free(item: list[Any]) -> None:
+    """Releases a used pipeline: ``item`` is ``[entry, pipeline, check]`` and holds the last
+    reference to it. With ``check``, weak references to the pipeline and each of its modules
+    show whether any outlives it: held by a reference cycle (a module holding a bound method
+    of itself as a hook, a child pointing to its parent) or by a reference the call left
+    behind. Its objects sit in the oldest generation (:func:`_fresh`), where garbage does not
+    count towards a full collection, so every call would add to what only one finds: the
+    arena's later pipelines stay young instead, and the builder runs one full collection in
+    idle time for those already moved."""
+    global _collect_due
+    entry, refs = item[0], (_weak_refs(item[1]) if item[2] else [])
+    item.clear()
+    if any(r() is not None for r in refs):
+        with _cond:
+            if not entry.cyclic:
+                entry.cyclic = True
+                _collect_due = True
+                _cond.notify_all()
 
 
 def _start_builder() -> None:
@@ -344,16 +443,30 @@ def _start_builder() -> None:
     with _lock:
         if _builder is not None:
             return
-        _builder = threading.Thread(target=_builder_loop, name="ray_zerocopy-spare", daemon=True)
-    _builder.start()
+        thread = _builder = threading.Thread(
+            target=_builder_loop, name="ray_zerocopy-spare", daemon=True
+        )
+    try:
+        thread.start()
+    except RuntimeError:  # no thread to be had: calls rebuild and free on their own thread
+        with _cond:
+            _builder = None
+            for entry in _queue:
+                entry.state = "idle"
+            _queue.clear()
+            used = _graveyard[:]
+            _graveyard.clear()
+        for item in used:
+            _free(item)
 
 
 def _builder_loop() -> None:
     """Rebuilds spares and frees used pipelines, one at a time, while no call is running."""
+    global _collect_due
     while True:
         with _cond:
             while True:
-                if (_queue or _graveyard) and not _tasks_running:
+                if (_queue or _graveyard or _collect_due) and not _tasks_running:
                     # Let Ray send the result of the call that just ended before competing
                     # with it for the interpreter lock.
                     wait = _last_end + START_DELAY - time.monotonic()
@@ -365,22 +478,28 @@ def _builder_loop() -> None:
             if _queue:  # the next call needs the spare; freeing can wait
                 entry, used = _queue.popleft(), None
                 entry.state = "building"
-            else:
+            elif _graveyard:
                 entry, used = None, _graveyard.pop()
+            else:
+                entry, used, _collect_due = None, None, False
+        if used is not None:
+            _free(used)  # some 8 objects per tensor to deallocate: not on a call's critical path
+            del used
+            continue
         if entry is None:
-            del used  # some 8 objects per tensor to deallocate: not on a call's critical path
+            gc.collect()  # pipelines of an arena found in reference cycles (see _free)
             continue
         try:
-            pipeline = _fresh(entry)
+            spare: tuple[Any, bool] | None = _fresh(entry)
         except BaseException:  # the call that needs it rebuilds it and reports the error
-            pipeline = None
+            spare = None
         with _cond:
             entry.state = "idle"
             entry.built_at = time.monotonic()
-            if entry.cached and pipeline is not None:
-                entry.spare = pipeline
+            if entry.cached and spare is not None:
+                entry.spare = spare
             _cond.notify_all()
-        del entry, pipeline
+        del entry, spare
 
 
 def _start_janitor() -> None:
@@ -388,19 +507,30 @@ def _start_janitor() -> None:
     with _lock:
         if _janitor is not None or CACHE_TTL <= 0:
             return
-        _janitor = threading.Thread(target=_janitor_loop, name="ray_zerocopy-cache", daemon=True)
-    _janitor.start()
+        thread = _janitor = threading.Thread(
+            target=_janitor_loop, name="ray_zerocopy-cache", daemon=True
+        )
+    try:
+        thread.start()
+    except RuntimeError:  # no thread to be had now: entries expire once a later call starts it
+        with _lock:
+            _janitor = None
 
 
 def _janitor_loop() -> None:
     while True:
         time.sleep(max(0.05, CACHE_TTL / 4))
-        cutoff = time.monotonic() - CACHE_TTL
-        with _lock:
-            stale = [k for k, v in _cache.items() if v.last_used < cutoff]
-            for k in stale:
-                _drop(_cache.pop(k))
-        if stale:
-            # Pipelines of a dropped arena that ended in reference cycles hold its views (and
-            # the object store's memory) until a full collection: run it now, in idle time.
-            gc.collect()
+        _expire()
+
+
+def _expire() -> None:
+    """Drops the entries unused for CACHE_TTL seconds (not those a call is using)."""
+    cutoff = time.monotonic() - CACHE_TTL
+    with _lock:
+        stale = [k for k, v in _cache.items() if v.last_used < cutoff and not v.calls]
+        for k in stale:
+            _drop(_cache.pop(k))
+    if stale:
+        # Pipelines of a dropped arena that ended in reference cycles hold its views (and
+        # the object store's memory) until a full collection: run it now, in idle time.
+        gc.collect()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 
 import pytest
 import torch
@@ -280,10 +281,13 @@ def test_no_spare_while_calls_come_faster_than_a_rebuild(ray_session, monkeypatc
     ref = ray_session.put((packed.skeleton, packed.arena))
     x = torch.randn(2, 8)
     want = p(x)
-    seen = []
+    calls = []
 
     def fn(pipeline, x):
-        seen.append(pipeline)
+        # A pipeline nobody has used before (marked here, not held: a used pipeline that
+        # something still holds is taken for one in a reference cycle, see _worker._free).
+        calls.append(hasattr(pipeline, "used_by_a_call"))
+        pipeline.used_by_a_call = True
         return pipeline(x)
 
     torch.testing.assert_close(want, want.clone())  # imported now, not between the calls
@@ -299,8 +303,8 @@ def test_no_spare_while_calls_come_faster_than_a_rebuild(ray_session, monkeypatc
         time.sleep(0.3)
         torch.testing.assert_close(_worker.call_fresh(ref, fn, x), want, rtol=1e-6, atol=1e-6)
     assert entry.taken - taken >= 3, (entry.skipped, entry.taken, entry.rebuilt)
-    assert len({id(q) for q in seen}) == len(seen) == 14
-    seen.clear()
+    assert calls == [False] * 14
+    assert not entry.cyclic
 
 
 class _Mortal(NetPipeline):
@@ -338,6 +342,131 @@ def test_used_pipeline_freed_in_idle_time_without_spares(ray_session, monkeypatc
     _worker.call_fresh(ref, lambda p, x: p(x), x, writable=True)
     assert _Mortal.freed_on == ["MainThread"], _Mortal.freed_on
     assert not _worker._queue  # no spare was queued
+
+
+class _HookedNet(Net):
+    def __init__(self):
+        super().__init__()
+        self.register_forward_hook(self.keep)
+
+    def keep(self, module, inputs, output):
+        return output
+
+
+class _Litter:
+    """Cyclic garbage a call leaves behind."""
+
+    alive: weakref.WeakSet = weakref.WeakSet()
+
+    def __init__(self):
+        self.me = self
+        _Litter.alive.add(self)
+
+
+def _settle(seconds: float = 10.0) -> None:
+    """Waits for the worker's builder to finish what is queued (spares, used pipelines)."""
+    from ray_zerocopy import _worker
+
+    deadline = time.monotonic() + seconds
+    while ((_worker._graveyard or _worker._queue or _worker._collect_due)
+           and time.monotonic() < deadline):
+        time.sleep(0.02)
+    time.sleep(0.05)
+
+
+def test_used_pipelines_in_reference_cycles_are_collected(ray_session, monkeypatch):
+    """New pipelines are moved to the oldest generation, where garbage does not count towards a
+    full collection; pipelines held by reference cycles would pile up there, one per call.
+    The release of a used one shows it: that arena's pipelines then stay young and the
+    worker runs one full collection in idle time."""
+    import gc
+
+    from ray_zerocopy import _worker
+
+    monkeypatch.setattr(_worker, "SPARE", True)
+    p = NetPipeline()
+    p.model = _HookedNet()
+    packed = rzc.pack(p)
+    ref = ray_session.put((packed.skeleton, packed.arena))
+    x = torch.randn(2, 8)
+    want = p(x)
+    alive: weakref.WeakSet = weakref.WeakSet()
+
+    def fn(pipeline, x):
+        alive.add(pipeline)
+        return pipeline(x)
+
+    _settle()
+    assert gc.isenabled()
+    for _ in range(20):
+        torch.testing.assert_close(_worker.call_fresh(ref, fn, x), want, rtol=1e-6, atol=1e-6)
+        time.sleep(0.02)
+    _settle()
+    entry = _worker._entry(ref, None, False, True)
+    assert entry.cyclic
+    # Without the check all 20 stay until a full collection happens to run (none does here).
+    assert len(alive) <= 3, len(alive)
+
+
+def test_garbage_left_by_a_call_is_not_moved_out_of_the_collectors_reach(ray_session,
+                                                                           monkeypatch):
+    """The young generations are collected before a rebuild moves what is young to the
+    oldest one: cyclic garbage a call left there is found by the collector as usual."""
+    from ray_zerocopy import _worker
+
+    monkeypatch.setattr(_worker, "SPARE", True)
+    packed = rzc.pack(NetPipeline())
+    ref = ray_session.put((packed.skeleton, packed.arena))
+    x = torch.randn(2, 8)
+
+    def littering(pipeline, x):
+        y = pipeline(x)
+        _Litter()
+        return y
+
+    _settle()
+    _Litter.alive.clear()
+    for _ in range(20):
+        _worker.call_fresh(ref, littering, x)
+        time.sleep(0.02)
+    _settle()
+    entry = _worker._entry(ref, None, False, True)
+    assert not entry.cyclic and entry.taken >= 10, (entry.taken, entry.rebuilt)
+    # Without collecting the young generations first, each rebuild moved the last call's
+    # litter to the oldest generation: all 20 stayed.
+    assert len(_Litter.alive) <= 2, len(_Litter.alive)
+
+
+def test_the_janitor_leaves_an_entry_a_call_is_using(ray_session, monkeypatch):
+    """A call longer than RAY_ZEROCOPY_CACHE_TTL keeps its arena cached; an idle entry goes."""
+    import threading
+
+    from ray_zerocopy import _worker
+
+    monkeypatch.setattr(_worker, "CACHE_TTL", 0.2)
+    packed = rzc.pack(NetPipeline())
+    ref = ray_session.put((packed.skeleton, packed.arena))
+    x = torch.randn(2, 8)
+    started, release = threading.Event(), threading.Event()
+
+    def long_call(pipeline, x):
+        started.set()
+        release.wait(10)
+        return pipeline(x)
+
+    t = threading.Thread(target=_worker.call_fresh, args=(ref, long_call, x))
+    t.start()
+    assert started.wait(10)
+    entry = _worker._entry(ref, None, False, True)
+    time.sleep(0.3)
+    _worker._expire()
+    assert entry.cached, "dropped while a call was using it"
+    release.set()
+    t.join(10)
+    assert entry.cached and entry.calls == 0
+    entry.last_used = time.monotonic() - 1
+    _worker._expire()
+    assert not entry.cached
 
 
 # --------------------------------------------------------------------------- published API
