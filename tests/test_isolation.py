@@ -469,6 +469,31 @@ def test_the_janitor_leaves_an_entry_a_call_is_using(ray_session, monkeypatch):
     assert not entry.cached
 
 
+def test_no_thread_to_be_had_is_not_fatal(ray_session, monkeypatch):
+    """When the builder thread cannot be started, calls still work: what waited for it (a
+    queued spare, a used pipeline) is dropped or freed at once, and a later call tries again."""
+    import threading
+
+    from ray_zerocopy import _worker
+
+    packed = rzc.pack(_Mortal())
+    ref = ray_session.put((packed.skeleton, packed.arena))
+    x = torch.randn(2, 8)
+    want = _worker.call_fresh(ref, lambda p, x: p(x), x)
+    _settle()
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(_worker, "_builder", None)  # as in a process that has none yet
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    _Mortal.freed_on.clear()
+    for _ in range(3):
+        assert torch.equal(_worker.call_fresh(ref, lambda p, x: p(x), x), want)
+    assert _worker._builder is None and not _worker._queue and not _worker._graveyard
+    assert _Mortal.freed_on == ["MainThread"] * 3, _Mortal.freed_on
+
+
 # --------------------------------------------------------------------------- published API
 # ray-zerocopy 0.2.0 (model_wrappers.py, nn/rewrite.py, _internal/zerocopy.py): documented
 # behaviour that code written against it relies on.
