@@ -76,4 +76,7 @@ def test_actor_load_leaves_no_young_objects_to_collect(ray_session):
     started, young, n_modules = ray_session.get(Loader.remote().load.remote(w))
     assert n_modules > 100
     assert young < n_modules, young  # the pipeline's objects are not young
-    assert all(g == 0 for g in started), started  # no collection beyond the youngest
+    # The load's own collection of the young generations comes first, before it makes any
+    # object (ray_zerocopy._worker._built_old: garbage there is not moved past the collector);
+    # after it, no collection beyond the youngest.
+    assert started[:1] in ([], [0], [1]) and all(g == 0 for g in started[1:]), started
