@@ -21,6 +21,7 @@ import gc
 import os
 import threading
 import time
+import types
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -373,26 +374,41 @@ def _fresh(entry: _Entry) -> tuple[Any, bool]:
 
 
 _ATOMIC = (str, bytes, int, float, bool, type(None), torch.Tensor)
+# Shared by every pipeline (pickled by reference, or the interpreter's own): never searched.
+_GLOBAL = (
+    type,
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    weakref.ref,
+)
+#: Objects :func:`_weak_refs` visits at most (a pipeline holding, say, a logger could lead it
+#: far into the interpreter's own objects).
+WALK_LIMIT = 200_000
 
 
 def _weak_refs(pipeline: Any) -> list[weakref.ref]:
-    """Weak references to every module ``pipeline`` holds and to the objects (those that take
-    them) on the way to them: containers and plain objects, not what is inside a module
-    other than its submodules (``Module.modules``: far cheaper than the packer's full walk,
-    which also visits every module's attributes and tensors)."""
+    """Weak references to ``pipeline`` (if it takes one) and to every module it holds, found
+    through containers and plain objects; a module's submodules through ``Module.modules``
+    (far cheaper than the packer's full walk, which also visits every module's attributes
+    and tensors). Only these: they are made anew by every rebuild, whereas other objects a
+    pipeline refers to may be shared (enum members, functions pickled by reference)."""
     refs: list[weakref.ref] = []
+    with contextlib.suppress(TypeError):
+        refs.append(weakref.ref(pipeline))
     seen: set[int] = set()
     stack = [pipeline]
-    while stack:
+    budget = WALK_LIMIT
+    while stack and budget:
         obj = stack.pop()
-        if isinstance(obj, _ATOMIC) or id(obj) in seen:
+        budget -= 1
+        if isinstance(obj, _ATOMIC) or isinstance(obj, _GLOBAL) or id(obj) in seen:
             continue
         seen.add(id(obj))
         if isinstance(obj, nn.Module):
-            refs.extend(weakref.ref(m) for m in obj.modules())
+            refs.extend(weakref.ref(m) for m in obj.modules() if m is not pipeline)
             continue
-        with contextlib.suppress(TypeError):
-            refs.append(weakref.ref(obj))
         if isinstance(obj, (list, tuple, set, frozenset)):
             stack.extend(v for v in obj if not isinstance(v, _ATOMIC))
         elif isinstance(obj, dict):
@@ -428,7 +444,12 @@ def _free(item: list[Any]) -> None:
     arena's later pipelines stay young instead, and the builder runs one full collection in
     idle time for those already moved."""
     global _collect_due
-    entry, refs = item[0], (_weak_refs(item[1]) if item[2] else [])
+    entry, refs = item[0], []
+    if item[2]:
+        try:
+            refs = _weak_refs(item[1])
+        except Exception:  # an object that will not show its __dict__: no check this time
+            refs = []
     item.clear()
     if any(r() is not None for r in refs):
         with _cond:
