@@ -58,6 +58,7 @@ CYCLE_CHECK_EVERY = 16
 _lock = threading.Lock()
 _cond = threading.Condition(_lock)  # guards everything below; signalled on every change
 _cache: OrderedDict[tuple, _Entry] = OrderedDict()
+_loading: dict[tuple, threading.Event] = {}  # keys a thread is mapping now (see _entry)
 _janitor: threading.Thread | None = None
 _builder: threading.Thread | None = None
 _queue: deque[_Entry] = deque()  # entries waiting for a spare to be built
@@ -282,24 +283,34 @@ def call_fresh(
 def _entry(ref: ray.ObjectRef, device: Any, fast_load: bool, protect: bool) -> _Entry:
     """The cache entry of ``ref`` on ``device``, mapping the arena on a miss."""
     key = (ref.hex(), str(device), bool(protect))
-    now = time.monotonic()
-    with _lock:
-        hit = _cache.get(key)
-        if hit is not None:
-            _cache.move_to_end(key)
-            hit.last_used = now
-            return hit
-    skeleton, loaded = load_arena(
-        ref, device=device, fast_load=fast_load, protect=protect, writable=False
-    )
-    entry = _Entry(skeleton, loaded, now)
-    with _lock:
-        old = _cache.get(key)
-        if old is not None:  # another thread mapped it meanwhile
-            _drop(old)
-        _cache[key] = entry
-        while len(_cache) > CACHE_MAX:
-            _drop(_cache.popitem(last=False)[1])
+    while True:
+        with _lock:
+            hit = _cache.get(key)
+            if hit is not None:
+                _cache.move_to_end(key)
+                hit.last_used = time.monotonic()
+                return hit
+            loading = _loading.get(key)
+            if loading is None:  # this thread maps it
+                loading = _loading[key] = threading.Event()
+                break
+        # Another thread is mapping it (calls at once in a threaded or async actor): wait for
+        # that rather than make a second mapping (on a GPU, a second copy of the weights), then
+        # look again (if that load failed, this thread tries, and reports its own error).
+        loading.wait()
+    try:
+        skeleton, loaded = load_arena(
+            ref, device=device, fast_load=fast_load, protect=protect, writable=False
+        )
+        entry = _Entry(skeleton, loaded, time.monotonic())
+        with _lock:
+            _cache[key] = entry
+            while len(_cache) > CACHE_MAX:
+                _drop(_cache.popitem(last=False)[1])
+    finally:
+        with _lock:
+            del _loading[key]
+        loading.set()
     _start_janitor()
     return entry
 

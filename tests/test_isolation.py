@@ -506,6 +506,54 @@ def test_no_thread_to_be_had_is_not_fatal(ray_session, monkeypatch):
     assert _Mortal.freed_on == ["MainThread"] * 3, _Mortal.freed_on
 
 
+def test_calls_at_once_map_an_arena_once(ray_session, monkeypatch):
+    """Calls that miss the cache at once (a threaded or async actor) map the arena once: the
+    others wait for that mapping (on a GPU, a second one would be a second copy of the
+    weights); if it fails, the next one tries and reports its own error."""
+    import threading
+
+    from ray_zerocopy import _worker
+
+    packed = rzc.pack(NetPipeline())
+    ref = ray_session.put((packed.skeleton, packed.arena))
+    x = torch.randn(2, 8)
+    real = _worker.load_arena
+    loads = []
+    fail = [True]
+
+    def slow_load(*args, **kwargs):
+        loads.append(threading.current_thread().name)
+        time.sleep(0.3)
+        if fail[0]:
+            fail[0] = False
+            raise RuntimeError("the first mapping failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_worker, "load_arena", slow_load)
+    results: dict[str, object] = {}
+
+    def call(name):
+        try:
+            results[name] = _worker.call_fresh(ref, lambda p, x: p(x), x)
+        except RuntimeError as exc:
+            results[name] = exc
+
+    threads = [threading.Thread(target=call, args=(f"t{i}",), name=f"t{i}") for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    errors = [r for r in results.values() if isinstance(r, RuntimeError)]
+    # One mapping failed (its call reports it), one more was made, for the other three calls.
+    assert len(loads) == 2, loads
+    assert len(errors) == 1 and "first mapping failed" in str(errors[0])
+    want = NetPipeline()(x)
+    for r in results.values():
+        if not isinstance(r, RuntimeError):
+            torch.testing.assert_close(r, want, rtol=1e-6, atol=1e-6)
+    assert not _worker._loading
+
+
 # --------------------------------------------------------------------------- published API
 # ray-zerocopy 0.2.0 (model_wrappers.py, nn/rewrite.py, _internal/zerocopy.py): documented
 # behaviour that code written against it relies on.
