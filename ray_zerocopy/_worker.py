@@ -203,8 +203,11 @@ def load_pipeline(
     if not cache or writable:  # a private copy is per call: it may be written to
         # One pause for both steps. The new objects are kept old (see _fresh), except those
         # of a private copy: it holds a copy of the weights, which a reference cycle must not
-        # keep out of reach of the collector's young passes.
-        with _built_old(not writable):
+        # keep out of reach of the collector's young passes. A load made once (an actor's)
+        # collects only the youngest generation first: in a fresh actor the next one holds
+        # thousands of objects from its start-up, and collecting them would lengthen every
+        # load to keep at most that much garbage from being moved, once.
+        with _built_old(not writable, young=0):
             skeleton, loaded = load_arena(
                 ref, device=device, fast_load=fast_load, protect=protect, writable=writable
             )
@@ -432,13 +435,14 @@ def _weak_refs(pipeline: Any) -> list[weakref.ref]:
 
 
 @contextlib.contextmanager
-def _built_old(promote: bool) -> Iterator[None]:
+def _built_old(promote: bool, young: int = 1) -> Iterator[None]:
     """Pauses the collector while a pipeline is made; with ``promote``, collects the young
-    generations first and moves the objects made to the oldest one after (see _fresh)."""
+    generations up to ``young`` first and moves the objects made to the oldest one after
+    (see _fresh)."""
     with _gc_paused():
         promote = promote and gc.get_freeze_count() == 0
         if promote:
-            gc.collect(1)
+            gc.collect(young)
         yield
         if promote:
             gc.freeze()
