@@ -11,6 +11,9 @@ process and without Ray, measures for each model (medians over ``--repeats``):
   ``fresh tensors`` (``LoadedArena.objects``, one C loop) and the skeleton's unpickle (the
   rest);
 - ``free``: dropping the used pipeline (what the worker's builder thread does after a call);
+- ``cycle check``: the weak references the builder takes before some of those releases, to
+  see whether a reference cycle outlives it (``_worker._weak_refs``; 3 of the first 4 and
+  every 16th release of an arena);
 - what was made: the new objects the collector tracks (modules, their dicts, tensors) and, of
   those, the ``OrderedDict`` s;
 - the floor: creating and then freeing as many empty ``OrderedDict`` s and (separately)
@@ -52,7 +55,7 @@ def med_ms(xs: list[float]) -> float:
 
 def probe(name: str, repeats: int) -> None:
     from ray_zerocopy import pack
-    from ray_zerocopy._worker import _built_old
+    from ray_zerocopy._worker import _built_old, _weak_refs
     from ray_zerocopy.unpack import LoadedArena, _gc_paused, rebuild
 
     spec = bm.MODELS[name]
@@ -77,8 +80,8 @@ def probe(name: str, repeats: int) -> None:
     del made, keep, ids
     gc.collect()
 
-    rebuild_t, objects_t, free_t, odict_t, odict_free_t, param_t, param_free_t = (
-        [] for _ in range(7))
+    rebuild_t, objects_t, free_t, odict_t, odict_free_t, param_t, param_free_t, check_t = (
+        [] for _ in range(8))
     views = loaded.views
     make = torch.Tensor._make_subclass
     for _ in range(repeats):
@@ -86,6 +89,10 @@ def probe(name: str, repeats: int) -> None:
         p = fresh()
         rebuild_t.append(P() - t0)
         with _gc_paused():
+            t0 = P()
+            refs = _weak_refs(p)
+            check_t.append(P() - t0)
+            del refs
             t0 = P()
             del p
             free_t.append(P() - t0)
@@ -114,6 +121,7 @@ def probe(name: str, repeats: int) -> None:
           f"({n_odict} OrderedDicts, {n_made / max(1, n_tensors):.1f} per tensor)")
     print(f"  rebuild         {r:7.2f} ms  (fresh tensors {o:.2f} ms, unpickle {r - o:.2f} ms)")
     print(f"  free            {f:7.2f} ms")
+    print(f"  cycle check     {med_ms(check_t):7.2f} ms (some releases only)")
     print(f"  per call        {r + f:7.2f} ms of interpreter time")
     print(f"  floor: {n_made} empty OrderedDicts {med_ms(odict_t):.2f} ms + {n_tensors} "
           f"Parameters {med_ms(param_t):.2f} ms = {floor_make:.2f} ms to make, "

@@ -269,6 +269,8 @@ def call_fresh(
             if entry is not None and entry.cached and held and not _graveyard:
                 _graveyard.append(held[:])
                 held.clear()
+            elif held:
+                held[2] = False  # freed on this call's path: no cycle check (the builder's are)
             if SPARE and entry is not None:
                 if entry.cached and entry.spare is None and entry.state == "idle":
                     if _spare_in_time(entry):
@@ -321,8 +323,8 @@ def _entry(ref: ray.ObjectRef, device: Any, fast_load: bool, protect: bool) -> _
 def _take(entry: _Entry) -> tuple[Any, bool]:
     """A pipeline over ``entry`` no one has used: its spare (waiting for one being built),
     else a rebuild in this thread, and whether its release is to be checked for a reference
-    cycle (see :func:`_fresh`). Also samples the idle time before this call and whether a spare came
-    late (see :func:`_spare_in_time`)."""
+    cycle (see :func:`_fresh`). Also samples the idle time before this call and whether a
+    spare came late (see :func:`_spare_in_time`)."""
     with _cond:
         now = time.monotonic()
         pending = entry.state != "idle"  # a spare queued or being built when the call came
@@ -388,8 +390,10 @@ def _fresh(entry: _Entry) -> tuple[Any, bool]:
 
 
 _ATOMIC = (str, bytes, int, float, bool, type(None), torch.Tensor)
-# Shared by every pipeline (pickled by reference, or the interpreter's own): never searched.
-_GLOBAL = (
+# Not searched: values that hold no module, and objects every pipeline shares (pickled by
+# reference, or the interpreter's own).
+_SKIPPED = (
+    *_ATOMIC,
     type,
     types.ModuleType,
     types.FunctionType,
@@ -417,7 +421,7 @@ def _weak_refs(pipeline: Any) -> list[weakref.ref]:
     while stack and budget:
         obj = stack.pop()
         budget -= 1
-        if isinstance(obj, _ATOMIC) or isinstance(obj, _GLOBAL) or id(obj) in seen:
+        if isinstance(obj, _SKIPPED) or id(obj) in seen:
             continue
         seen.add(id(obj))
         if isinstance(obj, nn.Module):
