@@ -520,14 +520,16 @@ def _builder_loop() -> None:
                 entry.state = "building"
             elif _graveyard:
                 entry, used = None, _graveyard.pop()
-            else:
-                entry, used, _collect_due = None, None, False
+            else:  # _collect_due: cleared once the collection is done
+                entry, used = None, None
         if used is not None:
             _free(used)  # some 8 objects per tensor to deallocate: not on a call's critical path
             del used
             continue
         if entry is None:
             gc.collect()  # pipelines of an arena found in reference cycles (see _free)
+            with _cond:
+                _collect_due = False
             continue
         try:
             spare: tuple[Any, bool] | None = _fresh(entry)

@@ -330,10 +330,9 @@ def test_used_pipeline_freed_in_idle_time_without_spares(ray_session, monkeypatc
     ref = ray_session.put((packed.skeleton, packed.arena))
     x = torch.randn(2, 8)
     # The builder finishes what earlier tests in this process left it (spares queued, a used
-    # pipeline) first: with a pipeline still waiting, a call frees its own as it returns.
-    deadline = time.monotonic() + 10
-    while (_worker._graveyard or _worker._queue) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # pipeline, a full collection) first: with a pipeline still waiting, a call frees its own
+    # as it returns.
+    _settle()
     _Mortal.freed_on.clear()
     for _ in range(3):
         _worker.call_fresh(ref, lambda p, x: p(x), x)
